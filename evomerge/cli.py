@@ -1,0 +1,116 @@
+"""The ``evomerge`` command line.
+
+Each subcommand is a thin adapter from arguments to a library call. User mistakes surface as one
+line on stderr with exit code 2 (``--debug`` shows the traceback); heavy imports happen inside the
+subcommands so ``evomerge --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from evomerge import __version__
+from evomerge.errors import EvomergeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5GiB' or a byte count → bytes (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got '{text}'")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.materialize import export_merge
+    from evomerge.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = export_merge(
+        recipe,
+        args.out,
+        device=args.device,
+        max_shard_bytes=args.shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from evomerge.zoo import build_zoo
+
+    index = build_zoo(args.spec, args.out, force=args.force)
+    print(f"zoo ready at {args.out} ({len(index.models)} models)")
+    return 0
+
+
+def _cmd_zoo_pico(args: argparse.Namespace) -> int:
+    from evomerge.zoo.pico import build_pico_family
+
+    paths = build_pico_family(Path(args.out), args.arch, args.experts)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Search for model-merge recipes by evolution.")
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser("merge", help="merge models as a recipe (or mergekit config) says, to a folder")
+    merge.add_argument("recipe", help="recipe YAML (evomerge recipe or mergekit config)")
+    merge.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
+    merge.add_argument("--device", default="cpu", help="device for the merge arithmetic (cpu, cuda, cuda:1, mps)")
+    merge.add_argument("--shard-size", type=parse_size, default="5GB", help="max safetensors shard size (default 5GB)")
+    merge.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    merge.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=_cmd_merge)
+
+    zoo = commands.add_parser("zoo", help="the project's own small model families").add_subparsers(
+        dest="zoo_command", required=True, metavar="ZOO_COMMAND"
+    )
+    build = zoo.add_parser("build", help="train the tiny zoo (cached by the spec's hash)")
+    build.add_argument("--spec", default=None, help="zoo spec YAML (default: the bundled spec)")
+    build.add_argument("--out", default=os.environ.get("EVOMERGE_ZOO", ".cache/zoo"), help="zoo folder")
+    build.add_argument("--force", action="store_true", help="rebuild even if the cached zoo matches the spec")
+    build.set_defaults(func=_cmd_zoo_build)
+    pico = zoo.add_parser("pico", help="write random-init pico models (a base and experts) for quick trials")
+    pico.add_argument("--out", required=True, help="folder for the pico family")
+    pico.add_argument("--arch", default="llama", help="architecture: llama, mistral, qwen2, gpt2, ...")
+    pico.add_argument("--experts", type=int, default=2, help="number of experts derived from the base")
+    pico.set_defaults(func=_cmd_zoo_pico)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EvomergeError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

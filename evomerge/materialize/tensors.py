@@ -1,0 +1,64 @@
+"""The one place where a planned tensor is computed from the pool's tensors.
+
+Both materializations (streamed export and resident in-place search) call ``merge_tensor`` so that
+a recipe gives bit-identical tensors either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.merge import TensorInputs
+from evomerge.recipe import TensorPlan
+
+
+def merge_tensor(
+    plan: TensorPlan,
+    *,
+    base: torch.Tensor | None,
+    sources: Sequence[torch.Tensor],
+    source_names: Sequence[str],
+    num_layers: int,
+    seed: int,
+    cache: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the planned operator on float32 inputs; a non-finite result is a one-line error."""
+    inputs = TensorInputs(
+        name=plan.name,
+        base=base,
+        sources=sources,
+        source_names=source_names,
+        layer=plan.layer,
+        num_layers=num_layers,
+        kind=plan.kind,
+        seed=seed,
+        cache=cache,
+    )
+    result = plan.operator.fn(inputs, plan.params, out)
+    if not torch.isfinite(result).all():
+        raise ConfigError(
+            f"tensor {plan.name}: merge method '{plan.operator.name}' produced NaN or inf "
+            f"with parameters {_summary(plan)}"
+        )
+    return result
+
+
+def _summary(plan: TensorPlan) -> str:
+    shared = ", ".join(f"{k}={v}" for k, v in plan.params.shared.items())
+    per_source = "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) for p in plan.params.per_source)
+    return "{" + "; ".join(part for part in (shared, per_source) if part) + "}"
+
+
+def is_mergeable(dtype: torch.dtype) -> bool:
+    """Floating tensors are merged; integer and boolean buffers are copied from the reference."""
+    return dtype.is_floating_point
+
+
+def output_dtype(recipe_dtype: str | None, stored: torch.dtype) -> torch.dtype:
+    """The dtype a merged tensor is written in: the recipe's, else the reference's own."""
+    return getattr(torch, recipe_dtype) if recipe_dtype else stored
+

@@ -1,0 +1,15 @@
+"""Search spaces: genome layouts (registered by ``kind``) that decode a genome into a recipe."""
+
+from pathlib import Path
+
+from evomerge.spaces import parameter as _parameter  # noqa: F401  (registers "parameter")
+from evomerge.spaces.base import SPACES, PoolInfo, SearchSpace, build_space, register_space
+from evomerge.validation import read_yaml
+
+
+def load_space(path: str | Path, pool: PoolInfo) -> SearchSpace:
+    """Build the search space defined in a YAML file (under ``search_spaces/``)."""
+    return build_space(read_yaml(path), pool, str(path))
+
+
+__all__ = ["SPACES", "PoolInfo", "SearchSpace", "build_space", "load_space", "register_space"]

@@ -1,0 +1,107 @@
+"""Loading YAML into pydantic models with one-line, field-naming error messages.
+
+Every config the user writes (recipes, experiments, search spaces, the zoo spec) goes through
+``load_yaml``: YAML syntax errors, unknown keys (with a did-you-mean) and bad values all become a
+``ConfigError`` of the form ``file: field.path: what was expected``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from evomerge.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a one-line ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
+def validate(model: type[M], data: Any, source: str) -> M:
+    """Validate ``data`` as ``model``; the first problem becomes a one-line ``ConfigError``."""
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; expected a mapping")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(err, model)}") from None
+
+
+def load_yaml(model: type[M], path: str | Path) -> M:
+    """Read and validate a YAML file as ``model``."""
+    return validate(model, read_yaml(path), str(path))
+
+
+def describe_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the first error: the dotted field path and what was expected."""
+    first = err.errors(include_url=False)[0]
+    loc = [part for part in first["loc"] if not _is_union_tag(part)]
+    field = _dotted(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        hint = _did_you_mean(model, loc)
+        return f"{field}: unknown key{hint}"
+    if first["type"] == "missing":
+        return f"{field}: required field is missing"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{field}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic inserts union member names (e.g. 'float', 'list[float]') into error locations."""
+    return isinstance(part, str) and ("[" in part or part in {"float", "int", "str", "bool"} or "function-" in part)
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _did_you_mean(model: type[BaseModel], loc: list[Any]) -> str:
+    """Suggest the closest declared field for an unknown key, following the location into submodels."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            current = _item_model(current)
+            if isinstance(part, int):
+                continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return ""
+        current = current.model_fields[part].annotation
+    current = _item_model(current)
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return ""
+    fields = list(current.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    known = ", ".join(fields)
+    return (f" (did you mean '{close[0]}'?)" if close else "") + f"; expected one of: {known}"
+
+
+def _item_model(annotation: Any) -> Any:
+    """The BaseModel inside ``list[X]``, ``X | None`` or ``dict[str, X]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _item_model(arg)
+        if found is not None:
+            return found
+    return None
