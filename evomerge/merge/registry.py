@@ -28,6 +28,7 @@ import torch
 from evomerge.errors import ConfigError
 
 ParamValue = float | int | bool | str | None
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class ParamDef:
             value = int(value)
         else:
             value = float(value)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            if not abs(value) <= _FLOAT32_MAX:
+                raise ConfigError(f"{where}: expected a finite float32 number, got {value!r}")
         if self.low is not None and value < self.low:
             raise ConfigError(f"{where}: expected a value >= {self.low}, got {value!r}")
         if self.high is not None and value > self.high:
