@@ -1,0 +1,119 @@
+"""A plain Python function as the fitness (non-LLM experiments, tests, custom scorers).
+
+``fn(model, tokenizer)`` returns either a mapping ``{objective: value}`` or a pair
+``(objectives, per_example)`` where ``per_example[objective]`` is a sequence of scores (doc id =
+position) or a mapping ``{doc_id: score}``. The result has the same shape as lm-eval's; its timings
+hold only ``total``, since the function's forward passes are not visible from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from evomerge.errors import ConfigError
+from evomerge.fitness.base import Fitness
+from evomerge.fitness.result import Direction, ExampleScores, FitnessResult, finalize
+
+FitnessFn = Callable[[Any, Any], Any]
+
+
+class CallableFitness(Fitness):
+    """Wraps ``fn``; objectives are maximized and weighted 1 unless told otherwise."""
+
+    def __init__(
+        self,
+        fn: FitnessFn,
+        *,
+        weights: Mapping[str, float] | None = None,
+        directions: Mapping[str, Direction] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise ConfigError(f"fitness: expected a callable fn(model, tokenizer), got {type(fn).__name__}")
+        for objective, direction in (directions or {}).items():
+            if direction not in ("maximize", "minimize"):
+                raise ConfigError(f"fitness.directions.{objective}: expected maximize or minimize, got {direction!r}")
+        for objective, weight in (weights or {}).items():
+            is_number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not is_number or not weight >= 0 or math.isinf(weight):
+                raise ConfigError(f"fitness.weights.{objective}: expected a finite number >= 0, got {weight!r}")
+        self._fn = fn
+        self._weights = dict(weights) if weights is not None else None
+        self._directions = dict(directions or {})
+        self._name = name or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+        self._code_sha = _code_digest(fn)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "callable",
+            "name": self._name,
+            "code_sha256": self._code_sha,
+            "weights": self._weights,
+            "directions": self._directions,
+        }
+
+    def evaluate(self, model: Any, tokenizer: Any) -> FitnessResult:
+        start = time.perf_counter()
+        output = self._fn(model, tokenizer)
+        elapsed = time.perf_counter() - start
+        objectives, raw_examples = _split_output(output, self._name)
+        unknown = (set(self._weights or {}) | set(self._directions)) - set(objectives)
+        if unknown:
+            raise ConfigError(
+                f"fitness {self._name}: weights/directions name {sorted(unknown)} but fn returned {sorted(objectives)}"
+            )
+        directions: dict[str, Direction] = {k: self._directions.get(k, "maximize") for k in objectives}
+        weights = self._weights if self._weights is not None else {k: 1.0 for k in objectives}
+        per_example = {
+            k: _example_scores(v, f"fitness {self._name}: per-example '{k}'") for k, v in raw_examples.items()
+        }
+        return finalize(
+            objectives,
+            directions,
+            weights,
+            per_example,
+            timings={"total": elapsed},
+            n_examples={k: len(v.scores) for k, v in per_example.items()},
+        )
+
+
+def _split_output(output: Any, where: str) -> tuple[dict[str, float], Mapping[str, Any]]:
+    if isinstance(output, tuple) and len(output) == 2:
+        objectives, examples = output
+    else:
+        objectives, examples = output, {}
+    if not isinstance(objectives, Mapping) or not objectives:
+        got = type(objectives).__name__
+        raise ConfigError(f"fitness {where}: fn must return a non-empty mapping of objectives, got {got}")
+    if not isinstance(examples, Mapping):
+        raise ConfigError(f"fitness {where}: per-example scores must be a mapping, got {type(examples).__name__}")
+    values: dict[str, float] = {}
+    for key, value in objectives.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"fitness {where}: objective {key!r} must map a name to a number, got {value!r}")
+        values[key] = float(value)
+    return values, examples
+
+
+def _example_scores(raw: Sequence[float] | Mapping[int, float], where: str) -> ExampleScores:
+    pairs = sorted(raw.items()) if isinstance(raw, Mapping) else list(enumerate(raw))
+    try:
+        return ExampleScores(tuple(int(i) for i, _ in pairs), tuple(float(s) for _, s in pairs))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: expected numbers keyed by distinct doc ids ({err})") from None
+
+
+def _code_digest(fn: FitnessFn) -> str:
+    """Hash of the function's source, so editing the scorer invalidates cached results."""
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn)
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        source = repr(code.co_code + repr(code.co_consts).encode()) if code is not None else repr(fn)
+    return hashlib.sha256(source.encode()).hexdigest()

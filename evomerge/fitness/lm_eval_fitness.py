@@ -1,0 +1,170 @@
+"""The lm-eval fitness: score a resident model on task YAML, paying the set-up cost once.
+
+Set-up (once per evaluator): a TaskManager over ``include_path`` only, every task built, its split,
+subset, metric and few-shot settings fixed, its prompts built on first use. Per candidate:
+``lm_eval.evaluator.evaluate`` on those same task objects with the model wrapped in HFLM (the wrapper
+is reused while the model and tokenizer objects are the same), no bootstrap, per-sample logging on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lm_eval
+import torch
+from lm_eval.evaluator import evaluate as lm_eval_evaluate
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from evomerge.errors import ModelError
+from evomerge.fitness.base import Fitness
+from evomerge.fitness.lm import ForwardTimer, ResidentLM
+from evomerge.fitness.result import ExampleScores, FitnessResult, finalize
+from evomerge.fitness.runtime import quiet_lm_eval, use_template_cache
+from evomerge.fitness.spec import FitnessSpec, parse_fitness_spec
+from evomerge.fitness.tasks import PreparedTask, build_task_manager, load_tasks
+
+
+class LmEvalFitness(Fitness):
+    """Weighted lm-eval task metrics of a model already in memory.
+
+    ``base_dir`` anchors relative ``include_path`` folders (the experiment file's folder);
+    ``setup_seconds`` records what construction cost, paid once.
+    """
+
+    def __init__(self, spec: FitnessSpec | Mapping[str, Any], *, base_dir: str | Path | None = None) -> None:
+        start = time.perf_counter()
+        self.spec = parse_fitness_spec(spec)
+        quiet_lm_eval()
+        use_template_cache()
+        self._manager = build_task_manager(self.spec.include_path, Path(base_dir) if base_dir is not None else None)
+        self._tasks = load_tasks(self.spec, self._manager)
+        self._task_dict = {"tasks": {t.name: t.task for t in self._tasks}, "groups": {}, "group_map": {}}
+        self._lm: ResidentLM | None = None
+        self.setup_seconds = time.perf_counter() - start
+
+    @property
+    def tasks(self) -> tuple[PreparedTask, ...]:
+        return tuple(self._tasks)
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "kind": "lm_eval",
+            "lm_eval_version": lm_eval.__version__,
+            "split": spec.split,
+            "seed": spec.seed,
+            "apply_chat_template": spec.apply_chat_template,
+            "dtype": spec.dtype,
+            "tasks": [
+                {
+                    "task": t.name,
+                    "objective": t.spec.objective,
+                    "weight": t.spec.weight,
+                    "metric": t.result_key,
+                    "num_fewshot": t.task.config.num_fewshot,
+                    "doc_ids_sha256": _ids_digest(t.doc_ids),
+                    **t.digest,
+                }
+                for t in self._tasks
+            ],
+        }
+
+    def evaluate(self, model: Any, tokenizer: Any) -> FitnessResult:
+        self._check_model(model, tokenizer)
+        lm = self._wrapper(model, tokenizer)
+        lm.generate_seconds = 0.0
+        start = time.perf_counter()
+        with ForwardTimer(model) as timer:
+            output = lm_eval_evaluate(
+                lm=lm,
+                task_dict=self._task_dict,
+                bootstrap_iters=0,
+                log_samples=True,
+                apply_chat_template=self.spec.apply_chat_template,
+                fewshot_as_multiturn=self.spec.apply_chat_template,
+            )
+        total = time.perf_counter() - start
+        objectives, per_example = {}, {}
+        for task in self._tasks:
+            objectives[task.spec.objective] = float(output["results"][task.name][task.result_key])
+            scores = _per_example(task, output["samples"][task.name])
+            if scores is not None:
+                per_example[task.spec.objective] = scores
+        return finalize(
+            objectives,
+            directions={t.spec.objective: t.direction for t in self._tasks},
+            weights={t.spec.objective: t.spec.weight for t in self._tasks},
+            per_example=per_example,
+            timings={
+                "total": total,
+                "forward": timer.seconds,
+                "generate": lm.generate_seconds,
+                "overhead": total - timer.seconds,
+            },
+            n_examples={t.spec.objective: len(t.doc_ids) for t in self._tasks},
+        )
+
+    def _wrapper(self, model: Any, tokenizer: Any) -> ResidentLM:
+        """The HFLM for this (model, tokenizer) pair, reused while both objects stay the same."""
+        if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:
+            return self._lm
+        lm = ResidentLM(model, tokenizer, batch_size=self.spec.batch_size)
+        for task in self._tasks:
+            if task.task.OUTPUT_TYPE != "generate_until":
+                continue
+            new_tokens = (task.task.config.generation_kwargs or {}).get("max_gen_toks", lm.max_gen_toks)
+            if new_tokens >= lm.max_length:
+                raise ModelError(
+                    f"fitness task '{task.name}': max_gen_toks {new_tokens} leaves no room for the prompt in the "
+                    f"model's {lm.max_length} positions; set generation_kwargs.max_gen_toks in its YAML"
+                )
+        self._lm = lm
+        return self._lm
+
+    def _check_model(self, model: Any, tokenizer: Any) -> None:
+        if not isinstance(model, PreTrainedModel):
+            raise ModelError(f"fitness: expected a transformers PreTrainedModel, got {type(model).__name__}")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ModelError(f"fitness: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+        if self.spec.device is not None and not _same_device(model.device, torch.device(self.spec.device)):
+            raise ModelError(f"fitness.device: the model is on {model.device}, expected {self.spec.device}")
+        if self.spec.dtype is not None and model.dtype != getattr(torch, self.spec.dtype):
+            actual = str(model.dtype).removeprefix("torch.")
+            raise ModelError(f"fitness.dtype: the model is {actual}, expected {self.spec.dtype}")
+        if self.spec.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ModelError("fitness.apply_chat_template: the tokenizer has no chat template")
+
+
+def _per_example(task: PreparedTask, samples: list[dict[str, Any]]) -> ExampleScores | None:
+    """Scores of the objective's metric and filter, keyed by the doc's index in the full split.
+
+    ``None`` for corpus-level metrics whose per-document value is not one number (perplexity, BLEU).
+    """
+    pairs = []
+    for sample in samples:
+        if sample["filter"] != task.filter:
+            continue
+        value = sample[task.metric]
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, numbers.Real):
+            return None
+        pairs.append((task.doc_ids[sample["doc_id"]], float(value)))
+    pairs.sort()
+    return ExampleScores(tuple(i for i, _ in pairs), tuple(s for _, s in pairs))
+
+
+def _same_device(actual: torch.device, wanted: torch.device) -> bool:
+    """'cuda' accepts any CUDA device; 'cuda:1' only that one (an index-less device counts as 0)."""
+    if actual.type != wanted.type:
+        return False
+    return wanted.index is None or (actual.index or 0) == wanted.index
+
+
+def _ids_digest(doc_ids: tuple[int, ...]) -> str:
+    return hashlib.sha256(",".join(map(str, doc_ids)).encode()).hexdigest()
