@@ -1,0 +1,218 @@
+"""The ask/tell strategy interface every search algorithm implements.
+
+The executor is asynchronous: it may ``ask`` several proposals before any is told, and
+evaluations come back in any order. A strategy therefore keeps the proposals it has handed out
+(``outstanding``) and never assumes generations; algorithms that do (CMA-ES) assemble them
+internally. Resume is exact: ``state_dict``/``load_state_dict`` round-trip everything including the
+RNG, and ``replay`` re-applies the asks and tells a run store recorded after a checkpoint.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from evomerge.errors import ConfigError
+from evomerge.search.serialize import decode, encode
+from evomerge.search.types import Evaluation, Proposal
+
+STATE_FORMAT = 1
+
+
+class StrategySettings(BaseModel):
+    """A strategy's own settings (the ``strategy.settings`` block of an experiment); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Strategy(ABC):
+    """A seeded, checkpointable ask/tell search strategy.
+
+    Subclasses implement ``_propose`` (make the proposal for a ticket), ``_observe`` (learn from a
+    sanitized evaluation of one of their proposals), ``_state`` and ``_load``. The base class owns
+    tickets, the outstanding proposals, failure bookkeeping (the worst value seen per objective, the
+    default penalty for a failed candidate) and the checks that a checkpoint fits this strategy.
+
+    The interface is deliberately not "a fixed-length vector told in generations"; the two planned
+    archive/surrogate strategies fit it as follows.
+
+    Natural niches (M2N2): the state is an archive of member tickets with their per-example score
+    vectors (``Evaluation.per_example``). ``_propose`` samples parent A ∝ resource-shared fitness
+    and parent B ∝ attraction to A, and returns ``Proposal(genome=None, parents=(a, b),
+    info={"split": s, "ratio": w})``; the space materializes the child from its parents' recipes,
+    which the run store keeps for every ticket, so a parent evicted while its child is in flight
+    stays usable. ``_observe`` recomputes shared fitness over archive ∪ child and evicts the worst
+    (possibly the child): one child at a time, hence steady-state and naturally asynchronous. The
+    seed members are proposals with ``genome=None`` and ``info={"seed": model}``.
+
+    MAP (quadratic surrogates): the state is the history of (genome, objectives) told so far. While
+    fewer than a full quadratic's (d+1)(d+2)/2 points are known, ``_propose`` returns design points
+    (isotropic, one-hot, random); afterwards it refits one sigmoid-linked quadratic per objective on
+    every successful evaluation (lazily, when new tells arrived since the last fit), runs a seeded
+    NSGA-III on the surrogates and proposes front points not yet evaluated, with the surrogate's
+    prediction in ``info`` so reports can compare predicted and real fronts. Failures are simply
+    excluded from the fit.
+    """
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[StrategySettings]] = StrategySettings
+
+    def __init__(
+        self,
+        dimension: int,
+        *,
+        n_objectives: int = 1,
+        seed: int = 0,
+        bounds: np.ndarray | None = None,
+        settings: StrategySettings | None = None,
+    ) -> None:
+        if dimension < 1:
+            raise ConfigError(f"strategy {self.name}: the search space has {dimension} genes; expected at least 1")
+        if n_objectives < 1:
+            raise ConfigError(f"strategy {self.name}: expected at least 1 objective, got {n_objectives}")
+        self.dimension = int(dimension)
+        self.n_objectives = int(n_objectives)
+        self.seed = int(seed)
+        self.settings = settings if settings is not None else self.Settings()
+        self.bounds = _check_bounds(bounds, self.dimension, self.name)
+        self._next_ticket = 0
+        self._outstanding: dict[int, Proposal] = {}
+        self._worst = np.full(self.n_objectives, np.inf)
+
+    @property
+    def outstanding(self) -> list[Proposal]:
+        """Proposals asked and not yet told, in ask order."""
+        return list(self._outstanding.values())
+
+    def ask(self) -> Proposal:
+        """The next proposal; may be called again before earlier proposals are told."""
+        proposal = self._propose(self._next_ticket)
+        if proposal.ticket != self._next_ticket:
+            raise RuntimeError(f"strategy {self.name} returned ticket {proposal.ticket}, expected {self._next_ticket}")
+        self._next_ticket += 1
+        self._outstanding[proposal.ticket] = proposal
+        return proposal
+
+    def tell(self, evaluation: Evaluation) -> None:
+        """Learn from the evaluation of an outstanding proposal (any order; failures included)."""
+        proposal = self._outstanding.get(evaluation.ticket)
+        if proposal is None:
+            raise ValueError(f"tell: ticket {evaluation.ticket} was never asked or was already told")
+        evaluation = evaluation.sanitized()
+        if not evaluation.failed:
+            if evaluation.objectives.shape != (self.n_objectives,):
+                got = evaluation.objectives.size
+                raise ValueError(f"tell: ticket {evaluation.ticket} has {got} objectives, expected {self.n_objectives}")
+            self._worst = np.minimum(self._worst, evaluation.objectives)
+        del self._outstanding[evaluation.ticket]
+        self._observe(proposal, evaluation)
+
+    def replay(self, events: Iterable[Proposal | Evaluation]) -> None:
+        """Re-apply recorded asks and tells in their original order, verifying every re-asked proposal.
+
+        After ``load_state_dict(checkpoint)``, replaying the events a run store recorded after that
+        checkpoint brings the strategy to exactly the state it had when the run stopped. A re-asked
+        proposal that differs from the recorded one means the strategy, its settings or a library
+        changed since the run started, and resuming would silently fork the run: that is an error.
+        """
+        for event in events:
+            if isinstance(event, Proposal):
+                again = self.ask()
+                if not again.same_as(event):
+                    raise ConfigError(
+                        f"resume: strategy {self.name} re-proposed ticket {event.ticket} differently from the run "
+                        "store; the strategy, its settings or a library version changed since the run started"
+                    )
+            else:
+                self.tell(event)
+
+    def worst_seen(self) -> np.ndarray | None:
+        """Per objective, the worst (lowest) value told so far; None before any success."""
+        return None if np.isinf(self._worst).any() else self._worst.copy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as JSON-serializable data."""
+        return encode(
+            {
+                "strategy": self.name,
+                "format": STATE_FORMAT,
+                "dimension": self.dimension,
+                "n_objectives": self.n_objectives,
+                "seed": self.seed,
+                "settings": self.settings.model_dump(mode="json"),
+                "bounds": self.bounds,
+                "next_ticket": self._next_ticket,
+                "outstanding": [_proposal_to_data(p) for p in self._outstanding.values()],
+                "worst": self._worst,
+                "impl": self._state(),
+            }
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict``; a checkpoint of another strategy or configuration is a one-line error."""
+        state = decode(dict(state))
+        expected = {
+            "strategy": self.name,
+            "format": STATE_FORMAT,
+            "dimension": self.dimension,
+            "n_objectives": self.n_objectives,
+            "seed": self.seed,
+            "settings": self.settings.model_dump(mode="json"),
+        }
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ConfigError(
+                    f"checkpoint: {key} is {state.get(key)!r} but this run's strategy has {value!r}; "
+                    "resume with the experiment the run was started with"
+                )
+        if not np.array_equal(state["bounds"], self.bounds):
+            raise ConfigError("checkpoint: the gene bounds differ from this run's; resume with the original experiment")
+        self._next_ticket = int(state["next_ticket"])
+        self._outstanding = {p.ticket: p for p in map(_proposal_from_data, state["outstanding"])}
+        self._worst = np.asarray(state["worst"], dtype=np.float64)
+        self._load(state["impl"])
+
+    @abstractmethod
+    def _propose(self, ticket: int) -> Proposal:
+        """The proposal for ``ticket`` (the strategy's RNG advances; nothing else is recorded here)."""
+
+    @abstractmethod
+    def _observe(self, proposal: Proposal, evaluation: Evaluation) -> None:
+        """Learn from ``evaluation`` (sanitized: non-finite objectives are marked failed)."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]:
+        """The subclass's state (numpy arrays and scalars allowed: the base class encodes them)."""
+
+    @abstractmethod
+    def _load(self, state: dict[str, Any]) -> None:
+        """Restore ``_state()`` (already decoded)."""
+
+
+def _check_bounds(bounds: np.ndarray | None, dimension: int, name: str) -> np.ndarray:
+    if bounds is None:
+        return np.tile(np.array([0.0, 1.0]), (dimension, 1))
+    array = np.asarray(bounds, dtype=np.float64)
+    if array.shape != (dimension, 2) or not np.all(np.isfinite(array)) or not np.all(array[:, 0] < array[:, 1]):
+        raise ConfigError(
+            f"strategy {name}: bounds must be {dimension} finite (low, high) pairs with low < high, "
+            f"got shape {array.shape}"
+        )
+    return array
+
+
+def _proposal_to_data(proposal: Proposal) -> dict[str, Any]:
+    return {
+        "ticket": proposal.ticket,
+        "genome": proposal.genome,
+        "parents": list(proposal.parents),
+        "info": proposal.info,
+    }
+
+
+def _proposal_from_data(data: Mapping[str, Any]) -> Proposal:
+    return Proposal(int(data["ticket"]), data["genome"], tuple(data["parents"]), dict(data["info"]))

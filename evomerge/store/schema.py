@@ -1,0 +1,124 @@
+"""The run store's SQLite schema, its version, and opening a connection safely.
+
+Append-only is enforced by the database itself: triggers abort any UPDATE of a candidate, dispatch
+or result and any DELETE of a result. Only superseded strategy checkpoints are ever deleted.
+A candidate's status is never stored; it is derived (pending → running → ok/failed) from the rows
+that exist, so recording progress never rewrites anything.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from urllib.parse import quote
+
+from evomerge.store.errors import StoreError
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x45764D67
+"""``PRAGMA application_id`` of an evomerge run store ("EvMg"): tells our files from other SQLite files."""
+
+DDL = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL                       -- JSON
+);
+CREATE TABLE candidates (
+    ticket      INTEGER PRIMARY KEY,
+    seq         INTEGER NOT NULL UNIQUE,      -- position in the run's event order (asks and results)
+    genome      BLOB,                         -- little-endian float64; NULL for parent-derived proposals
+    parents     TEXT NOT NULL,                -- JSON list of tickets
+    info        TEXT NOT NULL,                -- JSON, strategy-specific
+    recipe      TEXT,                         -- JSON of the decoded recipe
+    recipe_hash TEXT,
+    created     REAL NOT NULL
+);
+CREATE TABLE dispatches (
+    id      INTEGER PRIMARY KEY,
+    ticket  INTEGER NOT NULL REFERENCES candidates(ticket),
+    worker  TEXT NOT NULL,
+    started REAL NOT NULL
+);
+CREATE INDEX dispatches_ticket ON dispatches(ticket);
+CREATE TABLE results (
+    seq          INTEGER PRIMARY KEY,
+    ticket       INTEGER NOT NULL REFERENCES candidates(ticket),
+    split        TEXT NOT NULL CHECK (split IN ('validation', 'test')),
+    status       TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    objectives   BLOB,                        -- little-endian float64, maximize convention
+    per_example  BLOB,                        -- .npy bytes (any dtype and shape)
+    fitness_hash TEXT,
+    recipe_hash  TEXT,                        -- copied from the candidate: one index serves the cache
+    cached_from  INTEGER,                     -- ticket whose result was reused, if any
+    worker       TEXT,
+    started      REAL,
+    finished     REAL NOT NULL,
+    timings      TEXT,                        -- JSON {phase: seconds}
+    error        TEXT,
+    UNIQUE (ticket, split)
+);
+CREATE INDEX results_cache ON results(recipe_hash, fitness_hash, split) WHERE status = 'ok';
+CREATE TABLE checkpoints (
+    id      INTEGER PRIMARY KEY,
+    seq     INTEGER NOT NULL,                 -- the last event the strategy state includes
+    state   TEXT NOT NULL,                    -- JSON from Strategy.state_dict()
+    created REAL NOT NULL
+);
+CREATE TRIGGER candidates_append_only BEFORE UPDATE ON candidates
+    BEGIN SELECT RAISE(ABORT, 'candidates are append-only'); END;
+CREATE TRIGGER dispatches_append_only BEFORE UPDATE ON dispatches
+    BEGIN SELECT RAISE(ABORT, 'dispatches are append-only'); END;
+CREATE TRIGGER results_append_only BEFORE UPDATE ON results
+    BEGIN SELECT RAISE(ABORT, 'results are append-only'); END;
+CREATE TRIGGER results_never_deleted BEFORE DELETE ON results
+    BEGIN SELECT RAISE(ABORT, 'results are append-only'); END;
+"""
+
+
+def connect(path: Path, *, mode: str) -> sqlite3.Connection:
+    """Open ``path`` (``mode``: 'rwc' create, 'rw' write, 'ro' read) and check it is our store.
+
+    A non-SQLite or corrupt file, a foreign SQLite file and a store written by a newer schema are
+    one-line ``StoreError``s. Writers get WAL (set once at creation, persistent), NORMAL sync and
+    foreign keys; readers are query-only and never block the writer (WAL snapshots).
+    """
+    uri = f"file:{quote(str(path))}?mode={mode}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: cannot open the run store ({err})") from None
+    try:
+        if mode == "rwc":
+            _initialize(conn)
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        conn.close()
+        raise StoreError(f"{path}: not an evomerge run store ({err})") from None
+    if app_id != APPLICATION_ID:
+        conn.close()
+        raise StoreError(f"{path}: not an evomerge run store (a different SQLite file)")
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(
+            f"{path}: written by a newer evomerge (store schema {version}, this version reads up to "
+            f"{SCHEMA_VERSION}); upgrade evomerge to open it"
+        )
+    if version < SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(f"{path}: store schema {version} is not supported (expected {SCHEMA_VERSION})")
+    if mode == "ro":
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _initialize(conn: sqlite3.Connection) -> None:
+    """Create the schema atomically (WAL must be switched on outside a transaction)."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(
+        f"BEGIN IMMEDIATE;\n{DDL}\nPRAGMA application_id = {APPLICATION_ID};\n"
+        f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    )

@@ -1,0 +1,408 @@
+"""The run store: contents, append-only rules, cache, lock, live readers, crash safety, and the
+property resume relies on: a run killed (SIGKILL) at any point and resumed ends identical to an
+uninterrupted run.
+
+Some tests run this file as a child process (``python tests/test_store.py MODE ARGS``): a search
+loop that kills itself at a chosen point, a writer killed from outside, a process holding the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.search import Evaluation, Proposal, build_strategy
+from evomerge.store import DB_NAME, RunStore, StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 4
+RESUME_CASES = {
+    "cmaes": ("cmaes", {"variant": "full"}),
+    "random": ("random", {}),
+    "optuna-tpe": ("optuna", {"sampler": "tpe", "sampler_settings": {"n_startup_trials": 5}}),
+}
+
+
+def _proposal(ticket: int, genome: list[float] | None = None, **kw) -> Proposal:
+    return Proposal(ticket, None if genome is None else np.array(genome, dtype=np.float64), **kw)
+
+
+def _child(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *args], env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+# -- contents ------------------------------------------------------------------------------
+
+
+def test_candidates_results_and_statuses_round_trip(tmp_path):
+    with RunStore.create(tmp_path / "run", {"experiment": {"name": "demo", "seed": 1}}) as store:
+        assert store.add_candidate(_proposal(0, [0.1, 1 / 3]), recipe={"method": "ties"}, recipe_hash="r0") == 1
+        assert store.add_candidate(_proposal(1, None, parents=(0,), info={"split": 17, "ratio": 0.25})) == 2
+        store.add_candidate(_proposal(2, [0.5, 0.5]), recipe='{"method": "linear"}', recipe_hash="r2")
+        store.add_candidate(_proposal(3, [0.9, 0.9]))
+        store.mark_running(0, "gpu0")
+        store.mark_running(2, "gpu1")
+        per_example = np.array([[1, 0, 1], [0, 0, 1]], dtype=np.int8)
+        assert (
+            store.add_result(
+                Evaluation(0, np.array([0.75, -1.5]), per_example=per_example),
+                fitness_hash="f1",
+                worker="gpu0",
+                started=123.0,
+                timings={"merge": 0.5, "eval": 2.0},
+            )
+            == 5
+        )
+        store.add_result(Evaluation(1, np.array([np.nan, 1.0])), fitness_hash="f1")
+        store.add_result(Evaluation.failure(3, 2), error="CUDA out of memory", fitness_hash="f1")
+        store.add_result(Evaluation(0, np.array([0.5, -2.0])), split="test", fitness_hash="f1")
+
+        candidates = {c.ticket: c for c in store.candidates()}
+        assert [c.ticket for c in store.candidates()] == [0, 1, 2, 3]
+        assert candidates[0].proposal.genome.tobytes() == np.array([0.1, 1 / 3]).tobytes()
+        assert candidates[0].recipe == {"method": "ties"} and candidates[0].recipe_hash == "r0"
+        assert candidates[1].proposal.genome is None
+        assert candidates[1].proposal.parents == (0,) and candidates[1].proposal.info == {"split": 17, "ratio": 0.25}
+        assert candidates[2].recipe == {"method": "linear"}
+        assert {t: c.status for t, c in candidates.items()} == {0: "ok", 1: "failed", 2: "running", 3: "failed"}
+        assert candidates[2].worker == "gpu1"
+        assert store.counts() == {"pending": 0, "running": 1, "ok": 1, "failed": 2}
+        assert store.count() == 4 and store.count("failed") == 2
+
+        first = store.results()[0]
+        assert first.evaluation.objectives.tolist() == [0.75, -1.5]
+        assert first.evaluation.per_example.dtype == np.int8
+        assert first.evaluation.per_example.tolist() == per_example.tolist()
+        assert (first.worker, first.started, first.recipe_hash) == ("gpu0", 123.0, "r0")
+        assert first.timings == {"merge": 0.5, "eval": 2.0}
+        nan_result = store.results()[1]
+        assert nan_result.evaluation.failed and not nan_result.ok  # non-finite objectives are a failure
+        assert store.results()[2].error == "CUDA out of memory"
+        assert [r.ticket for r in store.results("test")] == [0]
+        assert store.metadata == {"experiment": {"name": "demo", "seed": 1}}
+        assert store.last_seq == 8
+
+
+def test_results_are_append_only(tmp_path):
+    with RunStore.create(tmp_path / "run") as store:
+        store.add_candidate(_proposal(0, [0.5]))
+        store.add_result(Evaluation(0, np.array([1.0])))
+        with pytest.raises(ValueError, match="ticket 0 already has a validation result"):
+            store.add_result(Evaluation(0, np.array([2.0])))
+        with pytest.raises(ValueError, match="ticket 0 is already stored"):
+            store.add_candidate(_proposal(0, [0.1]))
+        with pytest.raises(ValueError, match="unknown ticket 9"):
+            store.add_result(Evaluation(9, np.array([1.0])))
+        with pytest.raises(ValueError, match="unknown ticket 9"):
+            store.mark_running(9, "w")
+    raw = sqlite3.connect(tmp_path / "run" / DB_NAME)
+    statements = ("UPDATE results SET status = 'failed'", "DELETE FROM results", "UPDATE candidates SET info = '{}'")
+    for statement in statements:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            raw.execute(statement)
+    raw.close()
+
+
+def test_events_pending_and_checkpoints(tmp_path):
+    with RunStore.create(tmp_path / "run", keep_checkpoints=2) as store:
+        for ticket in range(3):
+            store.add_candidate(_proposal(ticket, [ticket / 10]))
+        store.add_result(Evaluation(1, np.array([0.5])))  # seq 4
+        store.save_checkpoint({"step": 1})
+        store.add_candidate(_proposal(3, [0.3]))  # seq 5
+        store.add_result(Evaluation(0, np.array([0.1])))  # seq 6
+        store.add_result(Evaluation(3, np.array([0.7])), split="test")  # seq 7: not a strategy event
+        store.save_checkpoint({"step": 2}, seq=5)
+        store.save_checkpoint({"step": 3})
+
+        events = store.events_since(4)
+        assert [(type(e).__name__, e.ticket) for e in events] == [("Proposal", 3), ("Evaluation", 0)]
+        assert len(store.events_since(0)) == 6
+        assert [r.ticket for r in store.results_since(4)] == [0]
+        assert [c.ticket for c in store.pending_candidates()] == [2, 3]
+        latest = store.latest_checkpoint()
+        assert (latest.seq, latest.state) == (7, {"step": 3})
+        kept = store._conn.execute("SELECT state FROM checkpoints ORDER BY id").fetchall()
+        assert [json.loads(s) for (s,) in kept] == [{"step": 2}, {"step": 3}]
+
+
+def test_fitness_cache_and_best(tmp_path):
+    with RunStore.create(tmp_path / "run") as store:
+        for ticket, recipe_hash in enumerate(["a", "b", "a", "c"]):
+            store.add_candidate(_proposal(ticket, [0.0]), recipe_hash=recipe_hash)
+        store.add_result(Evaluation.failure(0, 1), fitness_hash="F")
+        store.add_result(Evaluation(1, np.array([0.4])), fitness_hash="F")
+        store.add_result(Evaluation(2, np.array([0.9])), fitness_hash="F")
+        store.add_result(Evaluation(3, np.array([0.9])), fitness_hash="G")
+        assert store.lookup_cache("a", "F").ticket == 2  # the failure of ticket 0 is not cached
+        assert store.lookup_cache("b", "F").evaluation.objectives.tolist() == [0.4]
+        assert store.lookup_cache("a", "G") is None and store.lookup_cache("z", "F") is None
+        assert store.lookup_cache("a", "F", split="test") is None
+        assert store.best().ticket == 2  # the earliest of the two 0.9
+        assert store.best(objective=0, split="test") is None
+
+
+# -- opening: lock, errors -----------------------------------------------------------------
+
+
+def test_second_writer_is_refused_and_readers_are_not(tmp_path):
+    run = tmp_path / "run"
+    with RunStore.create(run) as store:
+        store.add_candidate(_proposal(0, [0.5]))
+        with pytest.raises(StoreError, match=f"run is in use by another evomerge process \\(pid {os.getpid()}\\)"):
+            RunStore.open(run)
+        with RunStore.open_reader(run) as reader:
+            assert reader.count() == 1 and reader.readonly
+            with pytest.raises(StoreError, match="opened read-only"):
+                reader.add_candidate(_proposal(1, [0.5]))
+    with RunStore.open(run) as store:  # released on close
+        assert store.count() == 1
+
+
+def test_lock_dies_with_its_process(tmp_path):
+    run = tmp_path / "run"
+    RunStore.create(run).close()
+    holder = _child("hold", str(run))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError) as info:
+            RunStore.open(run)
+        assert str(info.value) == (
+            f"{run}: run is in use by another evomerge process (pid {holder.pid}); stop it or use another run directory"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunStore.open(run) as store:
+        assert store.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not a database, just text" * 40, "not an evomerge run store (file is not a database)"),
+        (None, "not an evomerge run store (a different SQLite file)"),
+        (b"", "not an evomerge run store (a different SQLite file)"),
+    ],
+    ids=["garbage", "foreign-sqlite", "empty"],
+)
+def test_unusable_files_are_one_line_errors(tmp_path, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is None:
+        sqlite3.connect(run / DB_NAME).execute("CREATE TABLE t (x)").connection.close()
+    else:
+        (run / DB_NAME).write_bytes(content)
+    for opener in (RunStore.open, RunStore.open_reader):
+        with pytest.raises(StoreError) as info:
+            opener(run)
+        assert str(info.value) == f"{run / DB_NAME}: {message}"
+    with pytest.raises(StoreError, match="no run store found"):
+        RunStore.open(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match="already holds a run"):
+        RunStore.create(run)
+
+
+def test_store_from_a_newer_schema_is_refused(tmp_path):
+    run = tmp_path / "run"
+    RunStore.create(run).close()
+    raw = sqlite3.connect(run / DB_NAME)
+    raw.execute("PRAGMA user_version = 2")
+    raw.close()
+    with pytest.raises(StoreError) as info:
+        RunStore.open_reader(run)
+    assert str(info.value) == (
+        f"{run / DB_NAME}: written by a newer evomerge (store schema 2, this version reads up to 1); "
+        "upgrade evomerge to open it"
+    )
+
+
+# -- live readers and crashes --------------------------------------------------------------
+
+
+def test_reader_snapshot_does_not_block_the_writer(tmp_path):
+    run = tmp_path / "run"
+    with RunStore.create(run) as store, RunStore.open_reader(run) as reader:
+        store.add_candidate(_proposal(0, [0.5]))
+        reader._conn.execute("BEGIN")
+        assert reader._conn.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 1
+        start = time.perf_counter()
+        for ticket in range(1, 51):
+            store.add_candidate(_proposal(ticket, [0.5]))
+            store.add_result(Evaluation(ticket, np.array([1.0])))
+        store.save_checkpoint({"n": 50})
+        assert time.perf_counter() - start < 5.0  # no busy waits
+        assert reader._conn.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 1  # its snapshot
+        reader._conn.execute("COMMIT")
+        assert reader.counts() == {"pending": 1, "running": 0, "ok": 50, "failed": 0}
+        assert reader.last_seq == store.last_seq == 101
+
+
+def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
+    """A writer killed at an arbitrary moment (checkpoints of ~1 MB widen the window inside a
+    transaction): everything it reported committed is there, nothing is partial, a live reader
+    saw a consistent, growing store, and the run can be reopened and continued."""
+    run = tmp_path / "run"
+    writer = _child("write", str(run))
+    committed, seen, reader = [], [], None
+    try:
+        for line in writer.stdout:
+            committed.append(int(line))
+            if len(committed) == 5:
+                reader = RunStore.open_reader(run)
+            if len(committed) > 5 and len(committed) % 20 == 0:
+                counts = reader.counts()
+                results = reader.results()
+                assert all(reader.candidate(r.ticket) is not None for r in results)
+                seen.append(counts["ok"])
+            if len(committed) == 300:
+                os.kill(writer.pid, signal.SIGKILL)
+                break
+    finally:
+        writer.kill()
+        writer.wait()
+        if reader is not None:
+            reader.close()
+    assert seen == sorted(seen) and seen[-1] > seen[0]
+    raw = sqlite3.connect(run / DB_NAME)
+    assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    raw.close()
+    with RunStore.open(run) as store:
+        stored = {c.seq for c in store.candidates()} | {r.seq for r in store.results()}
+        assert set(committed) <= stored
+        assert all(len(r.evaluation.objectives) == 1 and r.ticket < store.count() for r in store.results())
+        assert all(c.proposal.genome.shape == (256,) for c in store.candidates())
+        checkpoint = store.latest_checkpoint()
+        assert checkpoint is not None and len(checkpoint.state["blob"]) == 1_000_000
+        last = store.last_seq
+        ticket = store.count()
+        assert store.add_candidate(_proposal(ticket, [0.5] * 256)) == last + 1
+
+
+# -- resume equivalence --------------------------------------------------------------------
+
+
+def evaluate(proposal: Proposal) -> Evaluation:
+    """A quadratic with an optimum at 0.3; failures and NaN in parts of the box."""
+    x = proposal.genome
+    if x[0] > 0.8:
+        return Evaluation.failure(proposal.ticket, 1)
+    value = np.nan if x[1] > 0.85 else -float(np.sum((x - 0.3) ** 2))
+    return Evaluation(proposal.ticket, np.array([value]))
+
+
+def search_loop(run: Path, case: str, budget: int, kill: tuple[str, int] | None = None) -> None:
+    """The driver in miniature: ask → store candidate → evaluate → store result → tell, three in
+    flight completed out of order, a checkpoint every 4 results. ``kill=(phase, n)`` SIGKILLs this
+    process right after the n-th ``phase`` (asked, stored, recorded, told, checkpointed). An
+    existing run is resumed: restore the latest checkpoint, replay what followed, re-queue pending."""
+    name, settings = RESUME_CASES[case]
+    strategy = build_strategy(name, DIM, seed=11, settings=settings)
+    if (run / DB_NAME).exists():
+        store = RunStore.open(run)
+        checkpoint = store.latest_checkpoint()
+        if checkpoint is not None:
+            strategy.load_state_dict(checkpoint.state)
+        strategy.replay(store.events_since(checkpoint.seq if checkpoint else 0))
+        in_flight = [c.proposal for c in store.pending_candidates()]
+        assert [p.ticket for p in in_flight] == [p.ticket for p in strategy.outstanding]
+    else:
+        store = RunStore.create(run, {"case": case})
+        in_flight = []
+    phases: dict[str, int] = {}
+
+    def reached(phase: str) -> None:
+        phases[phase] = phases.get(phase, 0) + 1
+        if kill == (phase, phases[phase]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    n_results = len(store.results())
+    with store:
+        while True:
+            while len(in_flight) < 3 and store.count() < budget:
+                proposal = strategy.ask()
+                reached("asked")
+                recipe = {"genes": proposal.genome.tolist()}
+                store.add_candidate(proposal, recipe=recipe, recipe_hash=str(proposal.ticket))
+                reached("stored")
+                in_flight.append(proposal)
+            if not in_flight:
+                return
+            chosen = min(in_flight, key=lambda p: (p.ticket * 2654435761) % 1000003)
+            in_flight.remove(chosen)
+            evaluation = evaluate(chosen)
+            store.add_result(evaluation, fitness_hash="quadratic")
+            reached("recorded")
+            strategy.tell(evaluation)
+            reached("told")
+            n_results += 1
+            if n_results % 4 == 0:
+                store.save_checkpoint(strategy.state_dict())
+                reached("checkpointed")
+
+
+def run_contents(run: Path) -> tuple[list, list]:
+    with RunStore.open_reader(run) as store:
+        candidates = [
+            (c.seq, c.ticket, c.proposal.genome.tobytes(), c.proposal.info, c.recipe, c.status)
+            for c in store.candidates()
+        ]
+        results = [(r.seq, r.ticket, r.evaluation.objectives.tobytes(), r.ok) for r in store.results()]
+    return candidates, results
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, case):
+    budget = 26
+    search_loop(tmp_path / "reference", case, budget)
+    reference = run_contents(tmp_path / "reference")
+    assert len(reference[0]) == budget and len(reference[1]) == budget
+    assert any(not ok for *_, ok in reference[1]), "the objective should produce some failures"
+
+    run = tmp_path / "killed"
+    kills = [("recorded", 6), ("asked", 5), ("checkpointed", 2)]  # result not yet told; ask not yet stored; ...
+    for phase, n in kills:
+        child = _child("search", str(run), case, str(budget), phase, str(n))
+        assert child.wait(timeout=120) == -signal.SIGKILL, f"the child was not killed at {phase} #{n}"
+        assert len(run_contents(run)[1]) < budget
+    search_loop(run, case, budget)
+    assert run_contents(run) == reference
+
+
+def _hold(run: str) -> None:
+    with RunStore.open(run):
+        print("locked", flush=True)
+        time.sleep(60)
+
+
+def _write(run: str) -> None:
+    rng = np.random.default_rng(0)
+    with RunStore.create(run) as store:
+        for ticket in range(10**6):
+            print(store.add_candidate(_proposal(ticket, rng.random(256).tolist())), flush=True)
+            print(store.add_result(Evaluation(ticket, np.array([rng.random()]))), flush=True)
+            if ticket % 10 == 0:
+                store.save_checkpoint({"ticket": ticket, "blob": "x" * 1_000_000})
+
+
+if __name__ == "__main__":
+    mode, run_dir, *rest = sys.argv[1:]
+    if mode == "hold":
+        _hold(run_dir)
+    elif mode == "write":
+        _write(run_dir)
+    else:
+        case_name, budget_text, phase_name, count = rest
+        search_loop(Path(run_dir), case_name, int(budget_text), (phase_name, int(count)))
