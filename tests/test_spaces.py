@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import RecipePlanner
+from evomerge.recipe import RecipePlanner, recipe_from_dict
 from evomerge.spaces import PoolInfo, build_space, load_space
 
 POOL = PoolInfo(models={"base": "/m/base", "skill": "/m/skill", "lang": "/m/lang"}, base="base", num_layers=4)
@@ -140,3 +141,12 @@ def test_bundled_spaces_load_and_decode(path):
     plan = planner.plan("model.layers.0.self_attn.q_proj.weight", 0, "attention")
     assert plan.operator.name == recipe.method
     assert len(plan.params.per_source) == 2
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_decoded_recipe_passes_full_validation_unchanged(smooth):
+    space = _space(method="ties", model_genes={"density": {"low": 0.2, "high": 1.0}}, shared_genes={"lambda": {}},
+                   filters=["attention", "mlp"], smooth=smooth, fixed={"normalize": True})
+    recipe = space.decode(np.random.default_rng(0).random(space.dimension))
+    assert recipe_from_dict(recipe.model_dump()).model_dump() == recipe.model_dump()
+    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())).model_dump() == recipe.model_dump()

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.merge import get_operator
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, Rule
 from evomerge.recipe.schema import Scalar
 from evomerge.spaces.base import PoolInfo, SearchSpace, register_space
 from evomerge.validation import validate
@@ -167,24 +167,27 @@ class ParameterSpace(SearchSpace):
                 target.setdefault(gene, []).append(value)
         fixed_model = {m: dict(self.spec.fixed_model) for m in self.sources}
         top_models = {m: {**fixed_model[m], **per_model[0][m]} for m in self.sources}
-        rules = []
-        for block, sel in enumerate(self._blocks):
-            if sel.selector is None:
-                continue
-            rules.append(
-                {**sel.selector, "parameters": shared[block], "model_parameters": {m: v for m, v in per_model[block].items() if v}}
+        rules = [
+            Rule.model_construct(
+                **sel.selector,
+                parameters=shared[block],
+                model_parameters={m: v for m, v in per_model[block].items() if v},
             )
-        recipe = {
-            "models": dict(self.pool.models),
-            "base": self.pool.base,
-            "method": self.spec.method,
-            "parameters": {**self.spec.fixed, **shared[0]},
-            "model_parameters": {m: v for m, v in top_models.items() if v},
-            "rules": rules,
-            "seed": self.spec.seed,
-            "dtype": self.spec.dtype,
-        }
-        return validate(Recipe, recipe, "decoded genome")
+            for block, sel in enumerate(self._blocks)
+            if sel.selector is not None
+        ]
+        # The layout was validated when the space was built, so the recipe is assembled without
+        # re-validating it: decoding sits on the driver's per-candidate path.
+        return Recipe.model_construct(
+            models=dict(self.pool.models),
+            base=self.pool.base,
+            method=self.spec.method,
+            parameters={**self.spec.fixed, **shared[0]},
+            model_parameters={m: v for m, v in top_models.items() if v},
+            rules=rules,
+            seed=self.spec.seed,
+            dtype=self.spec.dtype,
+        )
 
     def _layout_blocks(self) -> list[_Block]:
         blocks = [_Block("outside", None)]
