@@ -1,0 +1,229 @@
+"""The task-vector family as one per-tensor pipeline.
+
+    τᵢ = θᵢ − θ₀ → sparsify (none | magnitude | bernoulli | breadcrumbs | della) → × weightᵢ
+      → consensus (none | sign election) → Σ (÷ Σ weights with ``normalize``) → × λ
+      → × LiNeS (α + β·ℓ/(L−1); α outside the blocks) → + θ₀
+
+Task arithmetic, TIES, DARE, breadcrumbs, DELLA and LiNeS are settings of this pipeline, registered
+under mergekit's names with mergekit's parameter names and defaults, so a mergekit config means
+the same here. Normalising divides by Σ weights (a scalar; |Σ| < 1e-8 → 1) without consensus, and by
+the per-entry Σ weights of agreeing entries (0 → 1) with it — mergekit's rules.
+
+All passes run on one cache-sized chunk at a time (see ``chunking``). With a cache attached, task
+vectors, sorted magnitudes and DELLA ranks are computed once per tensor and reused by every later
+candidate; so are DARE/DELLA random keys for the recipe's seed. The cached and uncached paths
+compute identical kept sets and give identical results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for
+from evomerge.merge.consensus import consensus_merge
+from evomerge.merge.registry import ParamDef, Params, TensorInputs, register_operator
+from evomerge.merge.sparsify import (
+    KeepAll,
+    KeepBernoulli,
+    KeepDella,
+    KeepWindow,
+    RankWindow,
+    Sparsifier,
+    breadcrumbs_ranks,
+    check_della,
+    della_ranks,
+    l1_rescale,
+    magnitude_ranks,
+    random_keys,
+    sort_magnitudes,
+    window_from_sorted,
+    window_from_values,
+)
+
+SPARSIFY_METHODS = ("none", "magnitude", "bernoulli", "breadcrumbs", "della")
+
+
+@dataclass(frozen=True)
+class TaskVectorMethod:
+    """One setting of the pipeline: how to sparsify, whether to elect signs, and the defaults."""
+
+    sparsify: str = "none"
+    consensus: bool = False
+    normalize: bool = False
+    rescale: bool = False
+    lines: bool = False
+
+
+def merge_task_vectors(
+    inputs: TensorInputs, params: Params, out: torch.Tensor | None, method: TaskVectorMethod
+) -> torch.Tensor:
+    """θ₀ + λ·LiNeS(ℓ)·merge(sparsified weighted τᵢ) for one tensor."""
+    if inputs.base is None:
+        raise ConfigError(f"tensor {inputs.name}: this merge method needs a base model")
+    base = flat(inputs.base)
+    weights = [float(w) for w in params.source_values("weight")]
+    factor = float(params.shared["lambda"])
+    if method.lines:
+        factor *= float(params.shared["alpha"]) + float(params.shared["beta"]) * inputs.layer_fraction
+    normalize = bool(params.shared["normalize"])
+    result, dest = output_for(inputs.base, out)
+    # A zero weight contributes nothing, not even to the election or the divisor.
+    active = [i for i, w in enumerate(weights) if w != 0]
+    taus = [flat(inputs.task_vector(i)) for i in active]
+    sparsifiers = [_sparsifier(inputs, params, method, i, tau) for i, tau in zip(active, taus)]
+    if not active:
+        dest.copy_(base)
+        return finish(result, out)
+    if method.consensus:
+        coefs = [weights[i] * s.scale for i, s in zip(active, sparsifiers)]
+        active_weights = [weights[i] for i in active]
+
+        def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
+            kept = [s.apply(start, stop, tau[start:stop], scratch) for s, tau in zip(sparsifiers, taus)]
+            values = [v for v, _ in kept]
+            masks = [m for _, m in kept]
+            consensus_merge(
+                values, masks, coefs, active_weights, normalize, base[start:stop], factor, dest[start:stop], scratch
+            )
+
+    else:
+        divisor = sum(weights) if normalize else 1.0
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        coefs = [weights[i] * factor * s.scale / divisor for i, s in zip(active, sparsifiers)]
+
+        def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
+            o = dest[start:stop]
+            for k, (s, tau) in enumerate(zip(sparsifiers, taus)):
+                values, mask = s.apply(start, stop, tau[start:stop], scratch)
+                b = base[start:stop] if k == 0 else o
+                if mask is None:
+                    torch.add(b, values, alpha=coefs[k], out=o)
+                else:
+                    torch.addcmul(b, values, mask, value=coefs[k], out=o)
+
+    for_chunks(base.numel(), base.device, body)
+    return finish(result, out)
+
+
+def _random_keys(inputs: TensorInputs, i: int, n: int) -> torch.Tensor:
+    """Random keys of source ``i``; with a cache, drawn once per seed and kept for later candidates."""
+    key = f"random_keys{i}"
+    if inputs.cache is not None and inputs.cache.get(key, (None,))[0] == inputs.seed:
+        return inputs.cache[key][1]
+    keys = random_keys(inputs.generator(i), n, inputs.sources[i].device)
+    if inputs.cache is not None:
+        inputs.cache[key] = (inputs.seed, keys)
+    return keys
+
+
+def _sparsifier(
+    inputs: TensorInputs, params: Params, method: TaskVectorMethod, i: int, tau: torch.Tensor
+) -> Sparsifier:
+    if method.sparsify == "none":
+        return KeepAll()
+    values = params.per_source[i]
+    density = float(values["density"])
+    rescale = bool(params.shared["rescale"])
+    n = tau.numel()
+    if method.sparsify == "della":
+        check_della(density, float(values["epsilon"]), f"tensor {inputs.name}: model '{inputs.source_names[i]}'")
+    if density >= 1:
+        return KeepAll()
+    if method.sparsify == "bernoulli":
+        return KeepBernoulli(_random_keys(inputs, i, n), density, rescale)
+    if method.sparsify == "della":
+        if density <= 0:
+            return KeepWindow(RankWindow(n, 0, 0))
+        ranks = inputs.cached(f"della_ranks{i}", lambda: della_ranks(tau.abs()))
+        return KeepDella(_random_keys(inputs, i, n), density, float(values["epsilon"]), ranks, rescale)
+    if method.sparsify == "magnitude":
+        lo, hi = magnitude_ranks(n, density)
+    else:
+        lo, hi = breadcrumbs_ranks(n, density, float(values["gamma"]))
+    if inputs.cache is not None:
+        sorted_abs, order = inputs.cached(f"sorted_abs{i}", lambda: sort_magnitudes(tau))
+        window = window_from_sorted(sorted_abs, order, lo, hi)
+    else:
+        window = window_from_values(tau.abs(), lo, hi)
+    scale = l1_rescale(tau, window) if rescale and not window.keeps_all else 1.0
+    return KeepWindow(window, scale)
+
+
+_WEIGHT = ParamDef(1.0, doc="per-model weight wᵢ of its task vector")
+_DENSITY = ParamDef(1.0, low=0.0, high=1.0, doc="fraction of each task vector kept")
+_GAMMA = ParamDef(0.01, low=0.0, high=1.0, doc="fraction of largest-magnitude outliers dropped (breadcrumbs)")
+_EPSILON = ParamDef(0.15, low=0.0, high=1.0, doc="half-width of DELLA's keep probabilities around density")
+_LAMBDA = ParamDef(1.0, doc="global scale λ of the merged task vector")
+
+
+def _register(name: str, method: TaskVectorMethod, doc: str) -> None:
+    shared = {"lambda": _LAMBDA, "normalize": ParamDef(method.normalize, kind=bool)}
+    per_source = {"weight": _WEIGHT}
+    if method.sparsify != "none":
+        shared["rescale"] = ParamDef(method.rescale, kind=bool)
+        per_source["density"] = _DENSITY
+    if method.sparsify == "breadcrumbs":
+        per_source["gamma"] = _GAMMA
+    if method.sparsify == "della":
+        per_source["epsilon"] = _EPSILON
+    if method.lines:
+        shared["alpha"] = ParamDef(1.0, doc="LiNeS scale of tensors outside the blocks and of block 0")
+        shared["beta"] = ParamDef(0.0, doc="LiNeS increase of the scale from block 0 to the last block")
+
+    def operator(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
+        return merge_task_vectors(inputs, params, out, method)
+
+    operator.__doc__ = doc
+    operator.__name__ = name
+    stochastic = method.sparsify in ("bernoulli", "della")
+    register_operator(name, shared=shared, per_source=per_source, needs_base=True, stochastic=stochastic)(operator)
+
+
+for _name, _method, _doc in (
+    ("task_arithmetic", TaskVectorMethod(), "Task arithmetic: θ₀ + λ Σ wᵢτᵢ."),
+    (
+        "ties",
+        TaskVectorMethod("magnitude", consensus=True, normalize=True),
+        "TIES: per-tensor magnitude trim, sign election, disjoint mean.",
+    ),
+    (
+        "dare_ties",
+        TaskVectorMethod("bernoulli", consensus=True, rescale=True),
+        "DARE-TIES: random drop with 1/density rescale, then sign election (sum).",
+    ),
+    (
+        "dare_linear",
+        TaskVectorMethod("bernoulli", rescale=True),
+        "DARE: random drop with 1/density rescale, then task arithmetic.",
+    ),
+    (
+        "breadcrumbs",
+        TaskVectorMethod("breadcrumbs"),
+        "Model breadcrumbs: drop outliers and small entries, then task arithmetic.",
+    ),
+    (
+        "breadcrumbs_ties",
+        TaskVectorMethod("breadcrumbs", consensus=True),
+        "Model breadcrumbs with TIES sign election.",
+    ),
+    (
+        "della",
+        TaskVectorMethod("della", consensus=True, normalize=True, rescale=True),
+        "DELLA: magnitude-ranked random drop, sign election, disjoint mean.",
+    ),
+    (
+        "della_linear",
+        TaskVectorMethod("della", rescale=True),
+        "DELLA without sign election.",
+    ),
+    (
+        "lines",
+        TaskVectorMethod(lines=True),
+        "Task arithmetic with LiNeS layer scaling α + β·ℓ/(L−1).",
+    ),
+):
+    _register(_name, _method, _doc)
