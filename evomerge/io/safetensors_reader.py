@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -182,11 +183,19 @@ class TensorIndex:
         self._entry(name)
         return self._shards[name]
 
-    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Read tensor ``name`` onto ``device`` (cast to ``dtype`` if given) as a tensor the caller owns.
 
-        Always a fresh copy: ``safe_open`` hands out views of one private mapping per handle, so an
-        in-place edit of an uncopied tensor would leak into the next read of the same name.
+        Always a copy: ``safe_open`` hands out views of one private mapping per handle, so an
+        in-place edit of an uncopied tensor would leak into the next read of the same name. With
+        ``out`` (a buffer of the tensor's shape) the copy lands there: first-touch page faults make
+        a fresh allocation several times slower than a write into a reused buffer.
         """
         path = self.file(name)
         with self._lock:
@@ -194,7 +203,30 @@ class TensorIndex:
             if handle is None:
                 handle = safe_open(str(path), framework="pt")
                 self._handles[path] = handle
+        if out is not None:
+            if out.dtype == self.dtype(name) and out.device.type == "cpu" and out.is_contiguous():
+                return self._read_into(name, out)
+            return out.copy_(handle.get_tensor(name))
         return handle.get_tensor(name).to(device=device, dtype=dtype, copy=True)
+
+    def _read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """``pread`` the stored bytes of ``name`` straight into ``out`` (same dtype, contiguous, CPU).
+
+        Plain reads from the page cache run at memory speed, while first touches of a memory map
+        fault page by page (measured here: ~0.1 GB/s through the map vs ~8 GB/s with reads).
+        """
+        entry = self._entry(name)
+        path = self.file(name)
+        with path.open("rb", buffering=0) as handle:
+            header_len = int.from_bytes(os.pread(handle.fileno(), 8, 0), "little")
+            target = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            offset, done = 8 + header_len + entry.start, 0
+            while done < len(target):
+                got = os.preadv(handle.fileno(), [target[done:]], offset + done)
+                if got <= 0:
+                    raise ModelError(f"{path}: truncated while reading tensor {name!r}")
+                done += got
+        return out
 
     def close(self) -> None:
         """Release every open shard mapping; later reads reopen them."""

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evomerge.errors import ConfigError
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
-from evomerge.materialize.tensors import is_mergeable, merge_tensor, output_dtype
+from evomerge.materialize.tensors import BufferPool, is_mergeable, merge_tensor, output_dtype
 from evomerge.pool import ModelPool
 from evomerge.recipe import Recipe, RecipePlanner
 
@@ -72,6 +72,7 @@ def _write_tensors(
         dtype = output_dtype(recipe.dtype, stored) if is_mergeable(stored) else stored
         layout.append((name, pool.shape(reference, name), dtype))
     writer = ShardedSafetensorsWriter(folder, layout, max_shard_bytes=max_shard_bytes)
+    buffers = BufferPool(device)
     with writer, _progress(show) as bar:
         task = bar.add_task("merging", total=len(names))
         for (name, _, dtype) in layout:
@@ -80,8 +81,11 @@ def _write_tensors(
             else:
                 info = layer_map.info(name)
                 plan = planner.plan(name, info.layer, info.kind.value)
-                base = pool.tensor(recipe.base, name, device=device) if recipe.base else None
-                tensors = [pool.tensor(model, name, device=device) for model in sources]
+                shape = pool.shape(reference, name)
+                base = _input(pool, recipe.base, name, device, buffers, "base", shape) if recipe.base else None
+                tensors = [
+                    _input(pool, model, name, device, buffers, f"source{i}", shape) for i, model in enumerate(sources)
+                ]
                 merged = merge_tensor(
                     plan,
                     base=base,
@@ -89,9 +93,17 @@ def _write_tensors(
                     source_names=sources,
                     num_layers=layer_map.num_layers,
                     seed=recipe.seed,
+                    out=buffers.get("out", shape),
                 )
-                writer.write(name, merged.to(dtype).cpu())
+                writer.write(name, merged if merged.dtype == dtype and merged.device.type == "cpu" else merged.to(dtype).cpu())
             bar.advance(task)
+
+
+def _input(
+    pool: ModelPool, model: str, name: str, device: str, buffers: BufferPool, role: str, shape: list[int]
+) -> torch.Tensor:
+    """A float32 input read into a reused buffer (warm pages: no first-touch faults)."""
+    return pool.tensor(model, name, device=device, out=buffers.get(role, shape))
 
 
 def _write_metadata(recipe: Recipe, reference: Path, tokenizer_from: Path, folder: Path, card_extra: str) -> None:

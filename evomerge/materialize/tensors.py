@@ -39,7 +39,8 @@ def merge_tensor(
         cache=cache,
     )
     result = plan.operator.fn(inputs, plan.params, out)
-    if not torch.isfinite(result).all():
+    low, high = torch.aminmax(result)  # NaN propagates; no tensor-sized temporary
+    if not (torch.isfinite(low) and torch.isfinite(high)):
         raise ConfigError(
             f"tensor {plan.name}: merge method '{plan.operator.name}' produced NaN or inf "
             f"with parameters {_summary(plan)}"
@@ -62,3 +63,19 @@ def output_dtype(recipe_dtype: str | None, stored: torch.dtype) -> torch.dtype:
     """The dtype a merged tensor is written in: the recipe's, else the reference's own."""
     return getattr(torch, recipe_dtype) if recipe_dtype else stored
 
+
+
+class BufferPool:
+    """Reusable float32 buffers keyed by (role, shape): the export loop reads and merges tensor after
+    tensor, and writing into warm buffers avoids the first-touch cost of fresh allocations."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def get(self, role: str, shape: Sequence[int]) -> torch.Tensor:
+        """The buffer for ``role`` and ``shape``, allocated on first use."""
+        key = (role, tuple(shape))
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(key[1], dtype=torch.float32, device=self.device)
+        return self._buffers[key]

@@ -71,9 +71,11 @@ class SourceModel:
             return self.layer_map.embedding_name
         return name
 
-    def read(self, name: str, device: str | torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-        """Read ``name`` (see ``stored_name``) onto ``device`` as ``dtype``, caller-owned."""
-        return self.index.get(self.stored_name(name), device=device, dtype=dtype)
+    def read(
+        self, name: str, device: str | torch.device, dtype: torch.dtype | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Read ``name`` (see ``stored_name``) onto ``device`` as ``dtype`` (or into ``out``), caller-owned."""
+        return self.index.get(self.stored_name(name), device=device, dtype=dtype, out=out)
 
 
 def _check_compatible(ref: SourceModel, other: SourceModel) -> None:
@@ -193,11 +195,19 @@ class ModelPool:
             raise KeyError(f"tensor {name!r} is not in the pool's {self.layer_map.model_type} layout")
 
     def tensor(
-        self, model: str, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
+        self,
+        model: str,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Read tensor ``name`` of ``model`` onto ``device`` as ``dtype`` (float32 by default), caller-owned."""
+        """Read tensor ``name`` of ``model`` onto ``device`` as ``dtype`` (float32 by default), caller-owned.
+
+        ``out``: a buffer of the tensor's shape to read into instead of allocating (its dtype wins).
+        """
         self._check_name(name)
-        return self.model(model).read(name, device, dtype)
+        return self.model(model).read(name, device, dtype, out)
 
     def close(self) -> None:
         """Release every open file mapping."""
