@@ -388,7 +388,7 @@ class TestPaths:
         assert torch.equal(uncached, again)
 
     @pytest.mark.parametrize("method,shared,per_source", CACHED_CASES[:6])
-    def test_threaded_chunks_equal_sequential_chunks(self, tied, method, shared, per_source):
+    def test_results_do_not_depend_on_the_thread_count(self, tied, method, shared, per_source):
         base, sources = tied
         threads = torch.get_num_threads()
         try:

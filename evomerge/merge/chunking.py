@@ -1,28 +1,27 @@
-"""Cache-sized chunks of flattened tensors, processed by a few threads; shared by every operator.
+"""Cache-sized chunks of flattened tensors, shared by every operator.
 
 An operator that makes several elementwise passes (trim, weight, elect, sum) over a whole tensor
 streams it through main memory once per pass; doing all passes on one chunk before moving on keeps
-the intermediates in cache, so a merge reads each input and writes the output about once.
+the intermediates in cache, so a merge reads each input and writes the output about once. Each
+operation on a chunk still runs on PyTorch's intra-op threads (the caller's setting).
 
-Chunks hold 2¹⁵ entries: at most PyTorch's parallel grain, so no single operation opens an OpenMP
-region. Parallelism comes instead from ``torch.get_num_threads()`` Python threads taking chunks
-independently (PyTorch releases the GIL inside its kernels). Many short OpenMP regions stall at
-every barrier whose partner thread the OS has descheduled — on a machine shared with other jobs a
-chunked merge ran 4–10× slower that way — while independent threads just finish later.
+2¹⁷ entries (512 KiB per float32 buffer) measured fastest on a 2-core CPU against 2¹⁵–2²⁰:
+smaller chunks pay per-operation overhead (~3 µs), larger ones spill the intermediates out of
+cache. Chunk bodies get the chunk's index so anything order-dependent (floating-point partial
+sums) is combined in index order; random draws are made before the chunks are processed.
 
-Chunk bodies must not depend on the order chunks run in: anything order-dependent (random draws,
-floating-point sums) is done per chunk index and combined in index order.
+Caveat measured here: on a CPU shared with other busy processes, many short multi-threaded
+operations stall at OpenMP barriers whose partner thread is descheduled (4–10× slower); give each
+worker one thread per core it owns.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-CHUNK = 1 << 15
+CHUNK = 1 << 17
 # On accelerators kernels are asynchronous and launches dominate small chunks.
 DEVICE_CHUNK = 1 << 22
 
@@ -44,65 +43,46 @@ def spans(n: int, device: torch.device) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
+def split(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The chunks of a flat tensor as views, made in one call (slicing per chunk costs more)."""
+    return t.split(chunk_size(t.device))
+
+
 class Scratch:
-    """One thread's reusable chunk-sized buffers, looked up by an owner-chosen key."""
+    """Reusable chunk-sized buffers of one operator call, looked up by an owner-chosen key.
+
+    Full chunks all have one size, so a buffer is returned as is (no slicing) except for a tensor's
+    last, shorter chunk.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[object, torch.Tensor] = {}
 
+    def _fit(self, key: object, like: torch.Tensor, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        n = like.numel()
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n or buf.device != like.device:
+            buf = make(n)
+            self._buffers[key] = buf
+        return buf if buf.numel() == n else buf[:n]
+
     def get(self, key: object, like: torch.Tensor) -> torch.Tensor:
         """A float32 buffer for ``key``, sized and placed like ``like`` (contents undefined)."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
-            buf = torch.empty(max(chunk_size(like.device), like.numel()), dtype=torch.float32, device=like.device)
-            self._buffers[key] = buf
-        return buf[: like.numel()]
+        return self._fit(key, like, lambda n: torch.empty(n, dtype=torch.float32, device=like.device))
 
     def filled(self, value: float, like: torch.Tensor) -> torch.Tensor:
         """A buffer of ``value`` everywhere, sized like ``like`` (filled once)."""
-        key = ("filled", value)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
-            size = max(chunk_size(like.device), like.numel())
-            buf = torch.full((size,), value, dtype=torch.float32, device=like.device)
-            self._buffers[key] = buf
-        return buf[: like.numel()]
+        return self._fit(("filled", value), like, lambda n: torch.full((n,), value, device=like.device))
 
 
 ChunkBody = Callable[[int, int, int, Scratch], None]
 
 
 def for_chunks(n: int, device: torch.device, body: ChunkBody) -> None:
-    """Run ``body(index, start, stop, scratch)`` for every chunk of ``range(n)`` on ``device``.
-
-    On CPU with more than one intra-op thread allowed, the chunks are shared among that many
-    threads (the caller's thread included); elsewhere they run in order in the caller's thread.
-    """
-    chunks = list(spans(n, device))
-    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
-    if workers <= 1:
-        scratch = Scratch()
-        for index, (start, stop) in enumerate(chunks):
-            body(index, start, stop, scratch)
-        return
-    pending = iter(enumerate(chunks))
-    lock = threading.Lock()
-
-    def work() -> None:
-        scratch = Scratch()
-        while True:
-            with lock:
-                item = next(pending, None)
-            if item is None:
-                return
-            index, (start, stop) = item
-            body(index, start, stop, scratch)
-
-    with ThreadPoolExecutor(workers - 1) as pool:
-        helpers = [pool.submit(work) for _ in range(workers - 1)]
-        work()
-        for helper in helpers:
-            helper.result()
+    """Run ``body(index, start, stop, scratch)`` for every chunk of ``range(n)`` on ``device``, in order."""
+    scratch = Scratch()
+    for index, (start, stop) in enumerate(spans(n, device)):
+        body(index, start, stop, scratch)
 
 
 def output_for(like: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,51 +40,55 @@ def consensus_merge(
 ) -> torch.Tensor:
     """``out`` = base + factor · (Σ agreeing cᵢdᵢ, ÷ Σ agreeing wᵢ with ``normalize``, 0 → 1).
 
-    Fused sign election for one cache-sized chunk. Each source gives its kept delta as
-    ``values·mask`` (mask optional, see ``Sparsifier``), a coefficient cᵢ (weight × rescale,
-    nonzero) and its weight wᵢ. With T = Σ cᵢdᵢ and e = ±1 the elected sign (copysign(1, T);
-    T = −0.0 only arises when every delta is zero, where either sign gives the same result), cᵢdᵢ
-    agrees iff cᵢdᵢe > 0. Since relu(x) = (|x| + x)/2, the agreeing sum is (T + e·Σ|cᵢdᵢ|)/2 —
-    the explicit sum up to rounding of the last bit. Normalising also needs which deltas agree:
-    e·Σ cᵢ·maskᵢ·pos(valuesᵢ·e) with pos = max(·, 0) for cᵢ > 0 and min(·, 0) for cᵢ < 0, and
-    sign(pos(·)) ∈ {0, sign cᵢ} gives the agreeing weights. Only float operations on scratch
-    buffers: on CPU several times faster than boolean masks.
+    Fused sign election for one cache-sized chunk, with float operations only (on CPU several
+    times faster than boolean masks). Each source gives its kept delta dᵢ as ``values·mask`` (mask
+    optional, see ``Sparsifier``), a coefficient cᵢ (weight × rescale, nonzero) and its weight wᵢ.
+    With T = Σ cᵢdᵢ, e = copysign(1, T) the elected sign and sᵢ = sign(cᵢdᵢ), a delta agrees iff
+    sᵢ = e, i.e. [agreeᵢ] = (sᵢ² + e·sᵢ)/2. Hence
+
+        Σ agreeing cᵢdᵢ = (T + e·A)/2         with A = Σ |cᵢdᵢ| = Σ cᵢdᵢ·sᵢ
+        Σ agreeing wᵢ   = (Σ wᵢsᵢ² + e·Σ wᵢsᵢ)/2
+
+    — the explicit sums up to rounding in the last bit. T = −0.0 only arises when every delta is
+    zero, where either sign gives the same result.
     """
     total = scratch.get("consensus.total", out)
-    acc = scratch.get("consensus.sum", out)
-    part = scratch.get("consensus.part", out)
+    spread = scratch.get("consensus.spread", out)
+    sign = scratch.get("consensus.sign", out)
     zeros = scratch.filled(0.0, out)
 
-    def accumulate(into: torch.Tensor, first: bool, v: torch.Tensor, m: torch.Tensor | None, c: float) -> None:
-        # into (+)= c·v·m in one operation
+    def accumulate(into: torch.Tensor, first: bool, a: torch.Tensor, b: torch.Tensor | None, c: float) -> None:
+        # into (+)= c·a·b in one operation
         start = zeros if first else into
-        if m is None:
-            torch.add(start, v, alpha=c, out=into)
+        if b is None:
+            torch.add(start, a, alpha=c, out=into)
         else:
-            torch.addcmul(start, v, m, value=c, out=into)
+            torch.addcmul(start, a, b, value=c, out=into)
 
-    for k, (v, m, c) in enumerate(zip(values, masks, coefs)):
-        accumulate(total, k == 0, v, m, c)
-    if not normalize:
-        for k, (v, m, c) in enumerate(zip(values, masks, coefs)):
-            accumulate(acc, k == 0, torch.abs(v, out=part), m, abs(c))
-        torch.copysign(acc, total, out=acc)
-        return torch.add(base, total.add_(acc), alpha=factor / 2, out=out)
-    sign = torch.copysign(scratch.filled(1.0, out), total, out=scratch.get("consensus.sign", out))
-    divisor = scratch.get("consensus.divisor", out)
+    if normalize:
+        nonzero = scratch.get("consensus.nonzero", out)
+        signed = scratch.get("consensus.signed", out)
     for k, (v, m, c, w) in enumerate(zip(values, masks, coefs, weights)):
-        torch.mul(v, sign, out=part)
-        if c > 0:
-            part.clamp_min_(0.0)
-        else:
-            part.clamp_max_(0.0)
-        accumulate(acc, k == 0, part, m, c)
-        accumulate(divisor, k == 0, part.sign_(), m, abs(w))
-    acc.mul_(sign)
+        first = k == 0
+        accumulate(total, first, v, m, c)
+        if not normalize:
+            accumulate(spread, first, torch.abs(v, out=sign), m, abs(c))
+            continue
+        torch.sign(v, out=sign)
+        if m is not None:
+            sign.mul_(m)
+        accumulate(spread, first, v, sign, abs(c))
+        accumulate(nonzero, first, sign, sign, w)
+        accumulate(signed, first, sign, None, w if c > 0 else -w)
+    elected = torch.copysign(scratch.filled(1.0, out), total, out=sign)
+    agreeing = torch.addcmul(total, elected, spread, out=spread)  # twice the agreeing sum
+    if not normalize:
+        return torch.add(base, agreeing, alpha=factor / 2, out=out)
+    divisor = torch.addcmul(nonzero, elected, signed, out=nonzero)  # twice the agreeing weights
     if all(w >= _TINY for w in weights):
         # Σ agreeing weights is 0 only where nothing agrees and the sum is 0 anyway.
         divisor.clamp_min_(_TINY)
     else:
-        torch.abs(divisor, out=part).sign_().neg_().add_(1.0)
-        divisor.add_(part)
-    return torch.addcdiv(base, acc, divisor, value=factor, out=out)
+        # a zero divisor becomes 2 (i.e. Σ agreeing weights 0 → 1, mergekit's rule)
+        divisor.add_(torch.abs(divisor, out=total).sign_().sub_(1.0).mul_(-2.0))
+    return torch.addcdiv(base, agreeing, divisor, value=factor, out=out)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.chunking import Scratch, chunk_size, finish, flat, for_chunks, output_for
+from evomerge.merge.chunking import Scratch, chunk_size, finish, flat, for_chunks, output_for, split
 from evomerge.merge.registry import ParamDef, Params, TensorInputs, register_operator
 
 DOT_THRESHOLD = 0.9995
@@ -27,12 +27,15 @@ def weighted_sum(tensors: list[torch.Tensor], coefs: list[float], dest: torch.Te
         dest.zero_()
         return
 
+    parts = [(split(t), c) for t, c in terms]
+    dest_chunks = split(dest)
+
     def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-        o = dest[start:stop]
-        first, c0 = terms[0]
-        torch.mul(first[start:stop], c0, out=o)
-        for t, c in terms[1:]:
-            o.add_(t[start:stop], alpha=c)
+        o = dest_chunks[index]
+        first, c0 = parts[0]
+        torch.mul(first[index], c0, out=o)
+        for t, c in parts[1:]:
+            o.add_(t[index], alpha=c)
 
     for_chunks(dest.numel(), dest.device, body)
 
@@ -42,9 +45,10 @@ def dot_products(tensors: list[torch.Tensor]) -> torch.Tensor:
     k, n = len(tensors), tensors[0].numel()
     chunks = len(range(0, n, chunk_size(tensors[0].device)))
     partial = torch.zeros(chunks, k, k, dtype=torch.float64, device=tensors[0].device)
+    parts = [split(t) for t in tensors]
 
     def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-        block = torch.stack([t[start:stop] for t in tensors])
+        block = torch.stack([p[index] for p in parts])
         partial[index] = (block @ block.T).to(torch.float64)
 
     for_chunks(n, tensors[0].device, body)

@@ -29,7 +29,7 @@ Randomness: one ``torch.rand`` float32 uniform u per entry, in flat order, from 
 (u lies on the 2⁻²⁴ grid); an entry is kept iff u < p. Keys are stored as −⌊u·2²⁴⌋ so that
 ``clamp(key + ⌈p·2²⁴⌉, 0, 1)`` is the exact 0/1 mask — a float-only form, several times faster on
 CPU than comparisons producing bool tensors. The keys of a tensor are drawn whole before merging
-(chunks may then run in any order) and can be cached across candidates with the same seed.
+and can be cached across candidates with the same seed.
 Likewise the magnitude window uses ``hardshrink`` rather than boolean masks.
 """
 
@@ -41,10 +41,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from evomerge.errors import ConfigError
-from evomerge.merge.chunking import Scratch, chunk_size, flat, for_chunks, spans
+from evomerge.merge.chunking import Scratch, chunk_size, flat, for_chunks, spans, split
 
 _L1_EPS = 1e-7
 _GRID = 2.0**24
@@ -150,7 +149,7 @@ def sort_magnitudes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Sparsifier(ABC):
-    """Sparsifies one flat tensor chunk by chunk, in any chunk order (chunks may run in parallel).
+    """Sparsifies one flat tensor chunk by chunk (in any chunk order).
 
     ``apply`` returns ``(values, mask)``: the kept entries are ``values·mask`` (``mask`` None: just
     ``values``), left as a pair so callers fuse the product into their own ``addcmul``. Both are the
@@ -162,13 +161,13 @@ class Sparsifier(ABC):
 
     @abstractmethod
     def apply(
-        self, start: int, stop: int, x: torch.Tensor, scratch: Scratch
+        self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, mask) of ``x`` = the chunk [start, stop) of the flat tensor."""
+        """(values, mask) of ``x``, chunk ``index`` of the flat tensor, starting at entry ``start``."""
 
-    def kept(self, start: int, stop: int, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    def kept(self, index: int, start: int, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         """The kept entries of the chunk as one tensor (before ``scale``)."""
-        values, mask = self.apply(start, stop, x, scratch)
+        values, mask = self.apply(index, start, x, scratch)
         return values if mask is None else torch.mul(values, mask)
 
 
@@ -176,7 +175,7 @@ class KeepAll(Sparsifier):
     """Density 1: the identity."""
 
     def apply(
-        self, start: int, stop: int, x: torch.Tensor, scratch: Scratch
+        self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return x, None
 
@@ -196,7 +195,7 @@ class KeepWindow(Sparsifier):
         self._drop = window.drop.tolist() if window.drop is not None else []
 
     def apply(
-        self, start: int, stop: int, x: torch.Tensor, scratch: Scratch
+        self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.window
         if w.keeps_all:
@@ -210,7 +209,8 @@ class KeepWindow(Sparsifier):
             out.copy_(x)
         if w.hi < w.n:
             out.sub_(torch.ops.aten.hardshrink.out(out, w.high_value, out=scratch.get((id(self), 1), x)))
-        first, last = bisect.bisect_left(self._drop, start), bisect.bisect_left(self._drop, stop)
+        first = bisect.bisect_left(self._drop, start)
+        last = bisect.bisect_left(self._drop, start + x.numel())
         if last > first:
             out.index_fill_(0, w.drop[first:last] - start, 0.0)
         return out, None
@@ -240,14 +240,14 @@ class KeepBernoulli(Sparsifier):
     """DARE: keep each entry with probability ``density``; ``scale`` = 1/density when rescaling."""
 
     def __init__(self, keys: torch.Tensor, density: float, rescale: bool):
-        self.keys = keys
+        self.keys = split(keys)
         self.density = density
         self.scale = 1.0 / density if rescale and density > 0 else 1.0
 
     def apply(
-        self, start: int, stop: int, x: torch.Tensor, scratch: Scratch
+        self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return x, keep_mask(self.keys[start:stop], self.density, scratch.get((id(self), 0), x))
+        return x, keep_mask(self.keys[index], self.density, scratch.get((id(self), 0), x))
 
 
 def della_ranks(mag: torch.Tensor) -> torch.Tensor:
@@ -271,18 +271,18 @@ class KeepDella(Sparsifier):
     """DELLA MagPrune: rank-dependent keep probability, per-entry rescale by 1/probability."""
 
     def __init__(self, keys: torch.Tensor, density: float, epsilon: float, ranks: torch.Tensor, rescale: bool):
-        self.keys = keys
-        self.ranks = ranks
+        self.keys = split(keys)
+        self.ranks = split(ranks)
         n = ranks.numel()
         self.low = density - epsilon if n > 1 else density
         self.step = 2 * epsilon / (n - 1) if n > 1 else 0.0
         self.rescale = rescale
 
     def apply(
-        self, start: int, stop: int, x: torch.Tensor, scratch: Scratch
+        self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p = self.ranks[start:stop].to(torch.float64).mul_(self.step).add_(self.low).to(torch.float32)
-        mask = keep_mask(self.keys[start:stop], p, scratch.get((id(self), 0), x))
+        p = self.ranks[index].to(torch.float64).mul_(self.step).add_(self.low).to(torch.float32)
+        mask = keep_mask(self.keys[index], p, scratch.get((id(self), 0), x))
         return (torch.div(x, p, out=scratch.get((id(self), 1), x)) if self.rescale else x), mask
 
 
@@ -296,7 +296,7 @@ def l1_rescale(x: torch.Tensor, window: RankWindow) -> float:
     def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
         chunk = x[start:stop]
         before[index] = chunk.abs().sum(dtype=torch.float64)
-        after[index] = keep.kept(start, stop, chunk, scratch).abs().sum(dtype=torch.float64)
+        after[index] = keep.kept(index, start, chunk, scratch).abs().sum(dtype=torch.float64)
 
     for_chunks(x.numel(), x.device, body)
     total_before, total_after = float(before.sum()), float(after.sum())
@@ -310,7 +310,7 @@ def _run(t: torch.Tensor, sparsifier: Sparsifier) -> torch.Tensor:
     result = torch.empty_like(x)
 
     def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-        torch.mul(sparsifier.kept(start, stop, x[start:stop], scratch), sparsifier.scale, out=result[start:stop])
+        torch.mul(sparsifier.kept(index, start, x[start:stop], scratch), sparsifier.scale, out=result[start:stop])
 
     for_chunks(x.numel(), x.device, body)
     return result.view(t.shape)

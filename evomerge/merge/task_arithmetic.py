@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for
+from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for, split
 from evomerge.merge.consensus import consensus_merge
 from evomerge.merge.registry import ParamDef, Params, TensorInputs, register_operator
 from evomerge.merge.sparsify import (
@@ -77,16 +77,18 @@ def merge_task_vectors(
     if not active:
         dest.copy_(base)
         return finish(result, out)
+    tau_chunks = [split(tau) for tau in taus]
+    base_chunks, dest_chunks = split(base), split(dest)
     if method.consensus:
         coefs = [weights[i] * s.scale for i, s in zip(active, sparsifiers)]
         active_weights = [weights[i] for i in active]
 
         def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-            kept = [s.apply(start, stop, tau[start:stop], scratch) for s, tau in zip(sparsifiers, taus)]
+            kept = [s.apply(index, start, tau[index], scratch) for s, tau in zip(sparsifiers, tau_chunks)]
             values = [v for v, _ in kept]
             masks = [m for _, m in kept]
             consensus_merge(
-                values, masks, coefs, active_weights, normalize, base[start:stop], factor, dest[start:stop], scratch
+                values, masks, coefs, active_weights, normalize, base_chunks[index], factor, dest_chunks[index], scratch
             )
 
     else:
@@ -96,10 +98,10 @@ def merge_task_vectors(
         coefs = [weights[i] * factor * s.scale / divisor for i, s in zip(active, sparsifiers)]
 
         def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-            o = dest[start:stop]
-            for k, (s, tau) in enumerate(zip(sparsifiers, taus)):
-                values, mask = s.apply(start, stop, tau[start:stop], scratch)
-                b = base[start:stop] if k == 0 else o
+            o = dest_chunks[index]
+            for k, (s, tau) in enumerate(zip(sparsifiers, tau_chunks)):
+                values, mask = s.apply(index, start, tau[index], scratch)
+                b = base_chunks[index] if k == 0 else o
                 if mask is None:
                     torch.add(b, values, alpha=coefs[k], out=o)
                 else:
