@@ -8,6 +8,7 @@ subcommands so ``evomerge --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -48,9 +49,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from evomerge.zoo import build_zoo
+    from evomerge.zoo.build import build_zoo
 
-    index = build_zoo(args.spec, args.out, force=args.force)
+    spec = args.spec or Path(__file__).parent / "zoo" / "default.yaml"
+    index = build_zoo(spec, args.out, force=args.force)
     print(f"zoo ready at {args.out} ({len(index.models)} models)")
     return 0
 
@@ -61,6 +63,31 @@ def _cmd_zoo_pico(args: argparse.Namespace) -> int:
     paths = build_pico_family(Path(args.out), args.arch, args.experts)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from evomerge.driver import start_run
+
+    start_run(args.experiment, run_dir=args.run_dir, budget=args.budget, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.driver import resume_run
+
+    resume_run(args.run_dir, progress=not args.quiet)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.status import print_status, run_status
+
+    status = run_status(args.run_dir)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
     return 0
 
 
@@ -79,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=_cmd_merge)
+
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+    run = commands.add_parser("run", parents=[debug], help="search merge recipes as an experiment file says")
+    run.add_argument("experiment", help="experiment YAML (models, search space, strategy, fitness, budget)")
+    run.add_argument("--run-dir", default=None, help="run directory (default: the experiment's run_dir or runs/<name>)")
+    run.add_argument("--budget", type=int, default=None, help="maximum number of evaluations (overrides budget.evaluations)")
+    run.add_argument("--seed", type=int, default=None, help="seed of the run and its strategy (overrides seed)")
+    run.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
+    run.set_defaults(func=_cmd_run)
+
+    resume = commands.add_parser("resume", parents=[debug], help="continue a stopped or crashed run")
+    resume.add_argument("run_dir", help="the run directory")
+    resume.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
+    resume.set_defaults(func=_cmd_resume)
+
+    status = commands.add_parser("status", parents=[debug], help="how far a run is (works while it runs)")
+    status.add_argument("run_dir", help="the run directory")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
 
     zoo = commands.add_parser("zoo", help="the project's own small model families").add_subparsers(
         dest="zoo_command", required=True, metavar="ZOO_COMMAND"

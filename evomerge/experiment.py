@@ -1,0 +1,407 @@
+"""The experiment file: models + search space + strategy + fitness + budget + executor, validated once.
+
+Example (``experiments/demo.yaml``)::
+
+    name: demo
+    seed: 0
+    zoo: {spec: default}                 # optional: build the zoo first if missing or outdated
+    models:                              # name -> local folder (relative to this file) or zoo:<model>
+      base: zoo:base
+      skill: zoo:skill_add_a
+      lang: zoo:lang_qa_b
+    base: base
+    search_space: ../search_spaces/task-arithmetic-per-layer.yaml   # or an inline mapping
+    strategy: {name: cmaes, settings: {sigma0: 0.25}}
+    objectives: [fitness]                # optional; the weighted aggregate by default
+    fitness:                             # an lm-eval FitnessSpec, or {python: file.py:fn} for tests
+      include_path: ../fitness
+      limit: 100
+      tasks: [{task: zoo_add_b}]
+    heldout: {limit: null}               # optional: the same fitness on the test split, at the end
+    budget: {evaluations: 200, minutes: null}
+    executor: {kind: local, device: cpu, dtype: float32}
+    checkpoint_every: 10
+    run_dir: null                        # default: runs/<name> under the current directory
+
+Every mistake is a one-line ``ConfigError`` naming the field (unknown keys with a did-you-mean).
+``load_experiment`` also resolves every path (relative to the experiment file; ``zoo:`` models
+against the zoo folder) and inlines the search space, so the resolved form that is snapshotted into
+the run directory needs nothing but itself to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from evomerge.errors import ConfigError, ModelError
+from evomerge.fitness.spec import AGGREGATE, FitnessSpec
+from evomerge.validation import describe_validation_error, read_yaml, validate
+
+ZOO_PREFIX = "zoo:"
+ZOO_ENV = "EVOMERGE_ZOO"
+DEFAULT_ZOO_DIR = ".cache/zoo"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_PYTHON_REF = re.compile(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ZooConfig(_Strict):
+    """Build the zoo before the run (cached by the spec's hash, so a built zoo costs nothing)."""
+
+    spec: str = Field(default="default", description="zoo spec YAML (relative to the experiment) or 'default'")
+    dir: str | None = Field(default=None, description=f"zoo folder; default ${ZOO_ENV} or {DEFAULT_ZOO_DIR}")
+
+
+class StrategyConfig(_Strict):
+    name: str = Field(min_length=1)
+    seed: int | None = Field(default=None, description="default: the experiment's seed")
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetConfig(_Strict):
+    """When to stop asking for candidates: after ``evaluations`` candidates and/or ``minutes`` of driver time."""
+
+    evaluations: int | None = Field(default=None, ge=1)
+    minutes: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.evaluations is None and self.minutes is None:
+            raise ValueError("expected evaluations and/or minutes")
+        return self
+
+
+class ExecutorConfig(_Strict):
+    kind: Literal["local"] = "local"
+    device: str = Field(default="cpu", description="torch device of the worker's resident model")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; null = torch's default")
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"expected a torch device such as cpu, cuda or cuda:1, got {value!r}") from None
+        return value
+
+
+class CallableFitnessConfig(_Strict):
+    """A Python function ``fn(model, tokenizer)`` as the fitness (tests, non-LLM scorers)."""
+
+    python: str = Field(description="'package.module:function' or 'path/to/file.py:function'")
+    weights: dict[str, float] | None = None
+    directions: dict[str, Literal["maximize", "minimize"]] | None = None
+
+    @field_validator("python")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        if not _PYTHON_REF.match(value):
+            raise ValueError(f"expected 'module:function' or 'file.py:function', got {value!r}")
+        return value
+
+
+FitnessConfig = FitnessSpec | CallableFitnessConfig
+
+
+class ExperimentFile(_Strict):
+    """The YAML form of an experiment (before paths are resolved)."""
+
+    name: str
+    seed: int = 0
+    zoo: ZooConfig | None = None
+    models: dict[str, str] = Field(description="name -> model folder, or zoo:<model>")
+    base: str | None = None
+    search_space: str | dict[str, Any]
+    strategy: StrategyConfig
+    objectives: list[str] = Field(default_factory=lambda: [AGGREGATE], min_length=1)
+    fitness: dict[str, Any]
+    heldout: bool | dict[str, Any] | None = Field(
+        default=None, description="true, or overrides of the fitness for the held-out evaluation (split: test)"
+    )
+    budget: BudgetConfig
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    checkpoint_every: int = Field(default=10, ge=1)
+    run_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"expected letters, digits, '.', '_' or '-' (a folder name), got {value!r}")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _two_or_more(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) < 2:
+            raise ValueError(f"expected at least 2 models (a base and a source, or two sources), got {len(value)}")
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _base_is_a_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        models = info.data.get("models")
+        if value is not None and models is not None and value not in models:
+            raise ValueError(f"'{value}' is not one of the models ({', '.join(models)})")
+        return value
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _path_or_mapping(cls, value: Any) -> Any:
+        if not isinstance(value, (str, dict)):
+            raise ValueError(f"expected a search-space file path or an inline mapping, got {type(value).__name__}")
+        return value
+
+    @field_validator("heldout", mode="before")
+    @classmethod
+    def _flag_or_mapping(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, (bool, dict)):
+            raise ValueError(f"expected true, false or a mapping of fitness overrides, got {value!r}")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if name in value[:i]:
+                raise ValueError(f"'{name}' appears twice")
+        return value
+
+
+class Experiment(BaseModel):
+    """A resolved experiment: absolute paths, inline search space, parsed fitness; what a run snapshots."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    seed: int
+    models: dict[str, str]
+    base: str | None
+    search_space: dict[str, Any]
+    strategy: StrategyConfig
+    objectives: list[str]
+    fitness: FitnessConfig
+    heldout: FitnessConfig | None
+    budget: BudgetConfig
+    executor: ExecutorConfig
+    checkpoint_every: int
+    run_dir: str
+    source: str = Field(description="the experiment file this was loaded from")
+
+    @property
+    def strategy_seed(self) -> int:
+        return self.strategy.seed if self.strategy.seed is not None else self.seed
+
+    @property
+    def is_lm_eval(self) -> bool:
+        return isinstance(self.fitness, FitnessSpec)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready form, restored exactly by ``Experiment.from_snapshot``."""
+        data = self.model_dump(mode="json")
+        data["fitness"] = _fitness_dump(self.fitness)
+        data["heldout"] = None if self.heldout is None else _fitness_dump(self.heldout)
+        return data
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any], source: str) -> Experiment:
+        """The experiment a run directory was started with (its paths are already absolute)."""
+        data = dict(data)
+        data["fitness"] = _parse_fitness(data["fitness"], source, "fitness")
+        if data.get("heldout") is not None:
+            data["heldout"] = _parse_fitness(data["heldout"], source, "heldout")
+        return validate(cls, data, source)
+
+
+def load_experiment(
+    path: str | Path,
+    *,
+    run_dir: str | Path | None = None,
+    budget: int | None = None,
+    seed: int | None = None,
+    build_zoo: bool = True,
+) -> Experiment:
+    """Read, validate and resolve an experiment file, applying command-line overrides.
+
+    ``seed`` replaces the experiment's seed and the strategy's (the search follows the command
+    line); ``budget`` replaces ``budget.evaluations``; ``run_dir`` the run directory. With a ``zoo``
+    section (and ``build_zoo``) the zoo is built first if missing or built from another spec.
+    """
+    path = Path(path)
+    source = str(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    spec = validate(ExperimentFile, data, source)
+    here = path.resolve().parent
+    strategy = spec.strategy if seed is None else spec.strategy.model_copy(update={"seed": None})
+    budget_config = spec.budget if budget is None else _budget(spec.budget, budget, source)
+    fitness = _parse_fitness(_resolve_fitness_paths(spec.fitness, here), source, "fitness")
+    objectives = _checked_objectives(spec.objectives, fitness, source)
+    heldout = _heldout(spec.heldout, spec.fitness, here, source)
+    search_space = _inline_space(spec.search_space, here, source)
+    models = _resolve_models(spec, here, source, build_zoo)
+    return Experiment(
+        name=spec.name,
+        seed=spec.seed if seed is None else seed,
+        models=models,
+        base=spec.base,
+        search_space=search_space,
+        strategy=strategy,
+        objectives=objectives,
+        fitness=fitness,
+        heldout=heldout,
+        budget=budget_config,
+        executor=spec.executor,
+        checkpoint_every=spec.checkpoint_every,
+        run_dir=str(_run_dir(run_dir, spec, here)),
+        source=source,
+    )
+
+
+def _budget(config: BudgetConfig, evaluations: int, source: str) -> BudgetConfig:
+    if evaluations < 1:
+        raise ConfigError(f"{source}: --budget: expected at least 1 evaluation, got {evaluations}")
+    return config.model_copy(update={"evaluations": evaluations})
+
+
+def _run_dir(override: str | Path | None, spec: ExperimentFile, here: Path) -> Path:
+    """``--run-dir`` (relative to the current directory), else ``run_dir`` (relative to the file), else runs/<name>."""
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    if spec.run_dir is not None:
+        return (here / Path(spec.run_dir).expanduser()).resolve()
+    return (Path.cwd() / "runs" / spec.name).resolve()
+
+
+def _fitness_dump(config: FitnessConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude_none=isinstance(config, CallableFitnessConfig))
+
+
+def _parse_fitness(data: Any, source: str, field: str) -> FitnessConfig:
+    """A fitness mapping as the lm-eval spec, or as a callable when it names ``python``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {field}: expected a mapping")
+    model: type[BaseModel] = CallableFitnessConfig if "python" in data else FitnessSpec
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {field}.{describe_validation_error(err, model)}") from None
+
+
+def _resolve_fitness_paths(data: dict[str, Any], here: Path) -> dict[str, Any]:
+    """Make ``include_path`` folders and a ``file.py:fn`` reference absolute (relative to the experiment)."""
+    data = dict(data)
+    include = data.get("include_path")
+    if isinstance(include, (str, list)):
+        folders = [include] if isinstance(include, str) else include
+        data["include_path"] = [str((here / str(f)).resolve()) if isinstance(f, str) else f for f in folders]
+    python = data.get("python")
+    if isinstance(python, str) and _PYTHON_REF.match(python):
+        module, function = python.rsplit(":", 1)
+        if module.endswith(".py"):
+            data["python"] = f"{(here / module).resolve()}:{function}"
+    return data
+
+
+def _heldout(
+    heldout: bool | dict[str, Any] | None, fitness: dict[str, Any], here: Path, source: str
+) -> FitnessConfig | None:
+    """The held-out fitness: the search fitness with ``heldout``'s overrides (lm-eval: split test)."""
+    if heldout is None or heldout is False:
+        return None
+    overrides = {} if heldout is True else dict(heldout)
+    merged = {**fitness, **overrides}
+    if "python" not in merged:
+        merged = {**fitness, "split": "test", **overrides}
+    return _parse_fitness(_resolve_fitness_paths(merged, here), source, "heldout")
+
+
+def _checked_objectives(objectives: list[str], fitness: FitnessConfig, source: str) -> list[str]:
+    """lm-eval objectives are known up front (task objectives + the aggregate); check the names."""
+    if isinstance(fitness, FitnessSpec):
+        known = [task.objective for task in fitness.tasks] + [AGGREGATE]
+        for i, name in enumerate(objectives):
+            if name not in known:
+                raise ConfigError(f"{source}: objectives[{i}]: '{name}' is not an objective of the fitness; known: {', '.join(known)}")
+    return objectives
+
+
+def _inline_space(space: str | dict[str, Any], here: Path, source: str) -> dict[str, Any]:
+    if isinstance(space, dict):
+        return space
+    path = (here / Path(space).expanduser()).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{source}: search_space: file not found: {path}")
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+# -- models and the zoo ---------------------------------------------------------------------------
+
+
+def zoo_folder(config: ZooConfig | None, here: Path) -> Path:
+    """The zoo folder: the experiment's ``zoo.dir``, else ``$EVOMERGE_ZOO``, else .cache/zoo (current directory)."""
+    if config is not None and config.dir is not None:
+        return (here / Path(config.dir).expanduser()).resolve()
+    return Path(os.environ.get(ZOO_ENV) or DEFAULT_ZOO_DIR).expanduser().resolve()
+
+
+def _resolve_models(spec: ExperimentFile, here: Path, source: str, build_zoo: bool) -> dict[str, str]:
+    uses_zoo = any(path.startswith(ZOO_PREFIX) for path in spec.models.values())
+    zoo = zoo_folder(spec.zoo, here)
+    if spec.zoo is not None and build_zoo:
+        _build_zoo(spec.zoo, zoo, here, source)
+    index = _zoo_index(zoo) if uses_zoo else None
+    models = {}
+    for name, path in spec.models.items():
+        if path.startswith(ZOO_PREFIX):
+            models[name] = str(_zoo_model(zoo, index, name, path[len(ZOO_PREFIX) :], spec.zoo is None, source))
+        else:
+            folder = (here / Path(path).expanduser()).resolve()
+            if not folder.is_dir():
+                raise ModelError(f"{source}: models.{name}: folder not found: {folder}")
+            models[name] = str(folder)
+    return models
+
+
+def _build_zoo(config: ZooConfig, zoo: Path, here: Path, source: str) -> None:
+    """Build (or reuse) the zoo; imported here so that experiments without a zoo never load its code."""
+    from evomerge.zoo import build as zoo_build
+
+    spec_path = Path(zoo_build.__file__).parent / "default.yaml" if config.spec == "default" else here / config.spec
+    if not spec_path.is_file():
+        raise ConfigError(f"{source}: zoo.spec: file not found: {spec_path}")
+    zoo_build.build_zoo(spec_path, zoo)
+
+
+def _zoo_index(zoo: Path) -> Any:
+    from evomerge.zoo.index import ZooIndex
+
+    path = zoo / "zoo.json"
+    return ZooIndex.load(path) if path.is_file() else None
+
+
+def _zoo_model(zoo: Path, index: Any, name: str, model: str, hint_build: bool, source: str) -> Path:
+    try:
+        folder = zoo / (index.model(model).folder if index is not None else model)
+    except ConfigError as err:
+        raise ModelError(f"{source}: models.{name}: {err} (in {zoo})") from None
+    if not folder.is_dir():
+        how = "run `evomerge zoo build` or add a zoo: section" if hint_build else "the zoo build did not produce it"
+        raise ModelError(f"{source}: models.{name}: zoo model '{model}' not found in {zoo} ({how})")
+    return folder

@@ -1,0 +1,44 @@
+"""Executors: where candidates are materialized and scored (``local`` in-process; ``ray`` next).
+
+``build_executor(experiment)`` starts the executor an experiment names; the driver only uses the
+``Executor`` interface (``submit`` to a free slot, ``poll`` for completions).
+"""
+
+from evomerge.experiment import Experiment
+from evomerge.runtime.base import Executor, Job, Outcome, Split
+from evomerge.runtime.local import LocalExecutor
+from evomerge.runtime.worker import Worker, WorkerSpec, build_fitness, load_callable
+
+
+def worker_spec(experiment: Experiment) -> WorkerSpec:
+    """The worker spec of an experiment (models, fitness, device, dtype, threads)."""
+    return WorkerSpec(
+        models=dict(experiment.models),
+        base=experiment.base,
+        fitness=experiment.fitness,
+        heldout=experiment.heldout,
+        device=experiment.executor.device,
+        dtype=experiment.executor.dtype,
+        threads=experiment.executor.threads,
+        source=experiment.source,
+    )
+
+
+def build_executor(experiment: Experiment) -> Executor:
+    """Start the executor of ``experiment.executor.kind`` (only ``local`` so far)."""
+    return LocalExecutor.start(worker_spec(experiment))
+
+
+__all__ = [
+    "Executor",
+    "Job",
+    "LocalExecutor",
+    "Outcome",
+    "Split",
+    "Worker",
+    "WorkerSpec",
+    "build_executor",
+    "build_fitness",
+    "load_callable",
+    "worker_spec",
+]

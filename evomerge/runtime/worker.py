@@ -1,0 +1,140 @@
+"""A worker: the model pool resident next to one live model, and the fitness built once.
+
+``Worker.start(spec)`` pays every set-up cost once (open the pool, load the skeleton, read the
+tokenizer, build the fitness, i.e. load lm-eval's tasks); ``run(job)`` then costs only the in-place
+merge and the evaluation. A failure inside a job (an exception while merging or scoring) becomes a
+failed ``Outcome`` with the error text, so one bad candidate never stops a search. The spec is
+plain data so that a remote executor can ship it to each of its workers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError
+from evomerge.experiment import CallableFitnessConfig, FitnessConfig
+from evomerge.runtime.base import Job, Outcome, Split
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, as plain picklable data."""
+
+    models: Mapping[str, str]
+    base: str | None
+    fitness: FitnessConfig
+    heldout: FitnessConfig | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    source: str = "experiment"
+
+
+def build_fitness(config: FitnessConfig, where: str = "fitness") -> Any:
+    """The ``Fitness`` a config describes: lm-eval tasks, or a Python callable (``where`` prefixes errors)."""
+    from evomerge.fitness import CallableFitness, LmEvalFitness
+
+    if isinstance(config, CallableFitnessConfig):
+        fn, name = load_callable(config.python, f"{where}.python")
+        return CallableFitness(fn, weights=config.weights, directions=config.directions, name=name)
+    return LmEvalFitness(config)
+
+
+def load_callable(reference: str, where: str = "fitness.python") -> tuple[Callable[..., Any], str]:
+    """Import ``module:function`` or ``/path/file.py:function``; returns it and a path-free name."""
+    module_name, function = reference.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"{where}: file not found: {path}")
+        spec = importlib.util.spec_from_file_location(f"evomerge_fitness_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as err:
+            raise ConfigError(f"{where}: importing {path} failed: {_one_line(err)}") from None
+        name = f"{path.name}:{function}"
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"{where}: cannot import module '{module_name}' ({err})") from None
+        name = reference
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ConfigError(f"{where}: '{function}' is not a function of {module_name}")
+    return fn, name
+
+
+class Worker:
+    """One resident model pool + live model + fitness; runs jobs one after another."""
+
+    def __init__(self, name: str, spec: WorkerSpec, merger: Any, tokenizer: Any, fitness: Any) -> None:
+        self.name = name
+        self.spec = spec
+        self.merger = merger
+        self.tokenizer = tokenizer
+        self._fitness: dict[str, Any] = {"validation": fitness}
+
+    @classmethod
+    def start(cls, spec: WorkerSpec, name: str = "local") -> Worker:
+        """Open the pool, load the live model and tokenizer, build the validation fitness."""
+        import torch
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from evomerge.materialize import ResidentMerger
+        from evomerge.pool import ModelPool
+
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        hf_logging.disable_progress_bar()  # a worker loads its model once; the bar is noise in a run's output
+        pool = ModelPool.open(dict(spec.models), spec.base)
+        try:
+            merger = ResidentMerger.load(pool, device=spec.device, dtype=getattr(torch, spec.dtype))
+            tokenizer = AutoTokenizer.from_pretrained(pool.path(pool.reference))
+            fitness = build_fitness(spec.fitness, f"{spec.source}: fitness")
+        except BaseException:
+            pool.close()
+            raise
+        return cls(name, spec, merger, tokenizer, fitness)
+
+    def fitness(self, split: Split) -> Any:
+        """The fitness of ``split``; the held-out one is built on first use (it is needed at the end)."""
+        if split not in self._fitness:
+            if self.spec.heldout is None:
+                raise ConfigError("heldout: the experiment has no held-out fitness")
+            self._fitness[split] = build_fitness(self.spec.heldout, f"{self.spec.source}: heldout")
+        return self._fitness[split]
+
+    def run(self, job: Job) -> Outcome:
+        """Merge ``job.recipe`` into the live model and score it; exceptions become a failed outcome."""
+        started = time.time()
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            self.merger.apply(job.recipe)
+            merged = time.perf_counter()
+            timings["merge"] = merged - start
+            result = self.fitness(job.split).evaluate(self.merger.model, self.tokenizer)
+            timings["evaluate"] = time.perf_counter() - merged
+        except Exception as err:  # a candidate's failure, recorded with its error text
+            timings["total"] = time.perf_counter() - start
+            return Outcome(job.key, job.split, self.name, started, None, _one_line(err), timings)
+        timings.update({key: value for key, value in result.timings.items() if key != "total"})
+        timings["total"] = time.perf_counter() - start
+        return Outcome(job.key, job.split, self.name, started, result, None, timings)
+
+    def close(self) -> None:
+        self.merger.pool.close()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -1,0 +1,126 @@
+"""``evomerge status RUN_DIR``: where a run stands, read from its store without the lock.
+
+Safe while a driver is writing: the store is opened read-only (WAL readers never block the
+writer, and every query sees a committed state). Nothing heavy is imported here (no torch, no
+lm-eval), so status answers in well under a second.
+
+Objective values follow the store's maximize convention: a minimized metric appears negated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from evomerge.store import RunStore
+
+SUMMARY_FILE = "summary.json"
+PAUSE_FACTOR = 20.0
+PAUSE_MIN_SECONDS = 60.0
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's closing summary (``summary.json``), or None while the run is not done."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """The run's state as JSON-ready data (see the module docstring for the conventions)."""
+    folder = Path(run_dir)
+    with RunStore.open_reader(folder) as store:
+        metadata = store.metadata
+        names = list(metadata["objectives"])
+        results = store.results()
+        heldout = {r.ticket: r for r in store.results("test")}
+        counts = store.counts()
+        candidates = store.count()
+        best = store.best()
+    experiment = metadata["experiment"]
+    summary = read_summary(folder)
+    best_data = None
+    if best is not None:
+        test = heldout.get(best.ticket)
+        best_data = {
+            "candidate": best.ticket,
+            "objectives": dict(zip(names, best.evaluation.objectives.tolist())),
+            "heldout": None if test is None or not test.ok else dict(zip(names, test.evaluation.objectives.tolist())),
+        }
+    evaluated = [r for r in results if r.cached_from is None and r.timings]
+    return {
+        "run_dir": str(folder.resolve()),
+        "name": experiment["name"],
+        "strategy": experiment["strategy"]["name"],
+        "objectives": names,
+        "candidates": candidates,
+        "evaluations": len(results),
+        "ok": counts["ok"],
+        "failed": counts["failed"],
+        "cached": sum(1 for r in results if r.cached_from is not None),
+        "pending": counts["pending"],
+        "running": counts["running"],
+        "budget": dict(experiment["budget"]),
+        "done": summary is not None,
+        "best": best_data,
+        "throughput": {
+            "candidates_per_hour": candidates_per_hour([r.finished for r in results]),
+            "seconds_per_candidate": {
+                phase: _mean([r.timings.get(phase) for r in evaluated]) for phase in ("merge", "evaluate", "total")
+            },
+        },
+        "summary": summary,
+    }
+
+
+def candidates_per_hour(finished: list[float]) -> float | None:
+    """Results per hour of driver time, from the gaps between consecutive results.
+
+    A gap longer than ``PAUSE_FACTOR`` times the median gap (and than ``PAUSE_MIN_SECONDS``) is a
+    pause — the driver was stopped and later resumed — and is left out.
+    """
+    if len(finished) < 2:
+        return None
+    gaps = np.diff(np.sort(np.asarray(finished, dtype=np.float64)))
+    limit = max(PAUSE_MIN_SECONDS, PAUSE_FACTOR * float(np.median(gaps)))
+    active = gaps[gaps <= limit]
+    seconds = float(active.sum())
+    return round(active.size / seconds * 3600.0, 1) if seconds > 0 else None
+
+
+def print_status(status: dict[str, Any], console: Console | None = None) -> None:
+    """The status for people: counts, budget, best so far, throughput, and the summary when done."""
+    console = console or Console()
+    budget = status["budget"]
+    limits = [f"{budget['evaluations']} evaluations" if budget.get("evaluations") else None]
+    limits.append(f"{budget['minutes']:g} minutes" if budget.get("minutes") else None)
+    state = "done" if status["done"] else "in progress"
+    console.print(f"[bold]{status['name']}[/bold] ({status['strategy']}) — {state} — {status['run_dir']}")
+    console.print(
+        f"evaluations {status['evaluations']} (ok {status['ok']}, failed {status['failed']}, cached {status['cached']}), "
+        f"running {status['running']}, pending {status['pending']}; budget {' and '.join(x for x in limits if x)}"
+    )
+    rate = status["throughput"]["candidates_per_hour"]
+    if rate is not None:
+        console.print(f"throughput {rate:,.0f} candidates/hour")
+    best = status["best"]
+    if best is None:
+        console.print("best: none yet")
+    else:
+        values = ", ".join(f"{k} {v:.4f}" for k, v in best["objectives"].items())
+        line = f"best: candidate #{best['candidate']}: {values}"
+        if best["heldout"] is not None:
+            line += " | held-out " + ", ".join(f"{k} {v:.4f}" for k, v in best["heldout"].items())
+        console.print(line)
+    if status["summary"] is not None:
+        from evomerge.display import print_summary
+
+        print_summary(status["summary"], console)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(float(np.mean(present)), 6) if present else None

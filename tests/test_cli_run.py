@@ -1,0 +1,132 @@
+"""``evomerge run / resume / status`` as a user runs them: an lm-eval fitness on a pico family, the
+summary table, ``status --json`` (in its own process) on the finished run, the command-line overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge import cli
+from evomerge.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = REPO / "search_spaces" / "task-arithmetic-per-layer.yaml"
+
+
+def write_task(folder: Path) -> None:
+    """A multiple-choice task over the pico vocabulary, with validation and test splits."""
+    rng = random.Random(0)
+    for split, n in (("validation", 16), ("test", 12)):
+        rows = [{"a": rng.randrange(10), "b": rng.randrange(10), "gold": rng.randrange(4)} for _ in range(n)]
+        (folder / f"mc_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "pico_mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "pico_mc",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {s: str(folder / f"mc_{s}.jsonl") for s in ("validation", "test")}},
+                "validation_split": "validation",
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{a}} plus {{b}} is",
+                "doc_to_choice": ["1", "2", "3", "4"],
+                "doc_to_target": "{{gold}}",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            },
+            sort_keys=False,
+        )
+    )
+
+
+@pytest.fixture
+def experiment(tmp_path, pico_family) -> Path:
+    (tmp_path / "tasks").mkdir()
+    write_task(tmp_path / "tasks")
+    data = {
+        "name": "cli",
+        "models": {"base": str(pico_family["base"]), "a": str(pico_family["expert_1"]), "b": str(pico_family["expert_2"])},
+        "base": "base",
+        "search_space": str(SPACE),
+        "strategy": {"name": "random"},
+        "fitness": {"include_path": "tasks", "tasks": [{"task": "pico_mc", "metric": "acc"}], "batch_size": 8},
+        "heldout": True,
+        "budget": {"evaluations": 50},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def evomerge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_run_then_status_json_with_lm_eval(experiment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "160")
+    assert cli.main(["run", str(experiment), "--budget", "4", "--seed", "5"]) == 0
+    done = capsys.readouterr()
+    run = tmp_path / "runs" / "cli"  # the default run directory: runs/<name> under the current directory
+    assert "cli: best merge vs sources on the test split" in done.out
+    for label in ("best merge (#", "│ a ", "│ b ", "│ base ", "│ uniform average "):
+        assert label in done.out, done.out
+    assert "4/4 evaluations" in done.err  # the progress line's final state
+
+    status = evomerge("status", str(run), "--json", cwd=tmp_path)  # a separate process, as a user runs it
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    with RunStore.open_reader(run) as store:
+        results = store.results()
+        (heldout,) = store.results("test")
+        metadata = store.metadata
+    best = max((r for r in results if r.ok), key=lambda r: (r.evaluation.objectives[0], -r.ticket))
+    assert data["evaluations"] == 4 and data["failed"] == 0 and data["done"] is True
+    assert data["budget"] == {"evaluations": 4, "minutes": None}
+    assert data["best"] == {
+        "candidate": best.ticket,
+        "objectives": {"fitness": best.evaluation.objectives[0]},
+        "heldout": {"fitness": heldout.evaluation.objectives[0]},
+    }
+    assert heldout.ticket == best.ticket
+    assert data["throughput"]["candidates_per_hour"] > 0
+    assert metadata["experiment"]["seed"] == 5 and metadata["experiment"]["strategy"]["seed"] is None
+    for result in results:  # accuracy on 16 validation examples, with per-example correctness kept
+        scores = result.evaluation.per_example
+        assert scores.shape == (16,) and set(scores.tolist()) <= {0.0, 1.0}
+        assert result.evaluation.objectives[0] == pytest.approx(scores.mean())
+    assert heldout.evaluation.per_example.shape == (12,)
+    summary = data["summary"]
+    assert summary["columns"] == ["fitness", "pico_mc"] and len(summary["rows"]) == 5
+    assert summary["rows"][0]["objectives"]["pico_mc"] == heldout.evaluation.objectives[0]
+
+    text = evomerge("status", str(run), cwd=tmp_path)
+    assert text.returncode == 0 and "cli (random) — done" in text.stdout and f"best: candidate #{best.ticket}" in text.stdout
+
+
+def test_overrides_and_quiet_in_process(experiment, tmp_path, capsys, monkeypatch):
+    data = yaml.safe_load(experiment.read_text())
+    data["fitness"] = {"python": "fitness.py:score"}
+    data["heldout"] = None
+    (tmp_path / "fitness.py").write_text(
+        "def score(model, tokenizer):\n    return {'x': float(model.lm_head.weight.detach().double().sum())}\n"
+    )
+    experiment.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(experiment), "--run-dir", str(tmp_path / "r"), "--budget", "3", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    with RunStore.open_reader(tmp_path / "r") as store:
+        assert store.count() == 3 and store.metadata["experiment"]["budget"]["evaluations"] == 3
+    assert cli.main(["status", str(tmp_path / "r"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["split"] == "validation"
+    assert cli.main(["resume", str(tmp_path / "r"), "--quiet"]) == 0
+    assert cli.main(["status", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'}: no run store found (expected run.sqlite)\n"
