@@ -22,11 +22,11 @@ class LiveProgress:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=24),
+            BarColumn(bar_width=16),
             TextColumn("{task.completed}/{task.fields[total_text]} evaluations"),
-            TextColumn("· {task.fields[failed]} failed · {task.fields[cached]} cached"),
             TextColumn("· best {task.fields[best]}"),
-            TextColumn("· {task.fields[rate]} candidates/h"),
+            TextColumn("· {task.fields[failed]} failed, {task.fields[cached]} cached"),
+            TextColumn("· {task.fields[rate]}/h"),
             TimeElapsedColumn(),
             console=console or Console(stderr=True),
             transient=False,

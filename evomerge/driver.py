@@ -236,7 +236,6 @@ class Driver:
         self.strategy = session.strategy
         self.executor = session.executor
         self._requeue: deque[CandidateRecord] = deque()
-        self._recipes: dict[int, Recipe] = {}
         results = store.results()
         self._n_candidates = store.count()
         self._n_results = len(results)
@@ -329,7 +328,6 @@ class Driver:
                 continue
             worker = self.executor.submit(Job(ticket, recipe))
             self.store.mark_running(ticket, worker)
-            self._recipes[ticket] = recipe
 
     def _decode(self, proposal: Proposal) -> Recipe:
         if proposal.genome is None:
@@ -359,7 +357,6 @@ class Driver:
 
     def _complete(self, outcome: Outcome) -> None:
         ticket = int(outcome.key)
-        self._recipes.pop(ticket, None)
         evaluation, error = self.session.objectives.evaluation(ticket, outcome)
         self.store.add_result(
             evaluation,

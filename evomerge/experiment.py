@@ -204,10 +204,6 @@ class Experiment(BaseModel):
     def strategy_seed(self) -> int:
         return self.strategy.seed if self.strategy.seed is not None else self.seed
 
-    @property
-    def is_lm_eval(self) -> bool:
-        return isinstance(self.fitness, FitnessSpec)
-
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready form, restored exactly by ``Experiment.from_snapshot``."""
         data = self.model_dump(mode="json")
@@ -231,13 +227,12 @@ def load_experiment(
     run_dir: str | Path | None = None,
     budget: int | None = None,
     seed: int | None = None,
-    build_zoo: bool = True,
 ) -> Experiment:
     """Read, validate and resolve an experiment file, applying command-line overrides.
 
     ``seed`` replaces the experiment's seed and the strategy's (the search follows the command
     line); ``budget`` replaces ``budget.evaluations``; ``run_dir`` the run directory. With a ``zoo``
-    section (and ``build_zoo``) the zoo is built first if missing or built from another spec.
+    section the zoo is built first if missing or built from another spec.
     """
     path = Path(path)
     source = str(path)
@@ -252,7 +247,7 @@ def load_experiment(
     objectives = _checked_objectives(spec.objectives, fitness, source)
     heldout = _heldout(spec.heldout, spec.fitness, here, source)
     search_space = _inline_space(spec.search_space, here, source)
-    models = _resolve_models(spec, here, source, build_zoo)
+    models = _resolve_models(spec, here, source)
     return Experiment(
         name=spec.name,
         seed=spec.seed if seed is None else seed,
@@ -361,10 +356,10 @@ def zoo_folder(config: ZooConfig | None, here: Path) -> Path:
     return Path(os.environ.get(ZOO_ENV) or DEFAULT_ZOO_DIR).expanduser().resolve()
 
 
-def _resolve_models(spec: ExperimentFile, here: Path, source: str, build_zoo: bool) -> dict[str, str]:
+def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, str]:
     uses_zoo = any(path.startswith(ZOO_PREFIX) for path in spec.models.values())
     zoo = zoo_folder(spec.zoo, here)
-    if spec.zoo is not None and build_zoo:
+    if spec.zoo is not None:
         _build_zoo(spec.zoo, zoo, here, source)
     index = _zoo_index(zoo) if uses_zoo else None
     models = {}

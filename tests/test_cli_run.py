@@ -130,3 +130,27 @@ def test_overrides_and_quiet_in_process(experiment, tmp_path, capsys, monkeypatc
     assert cli.main(["resume", str(tmp_path / "r"), "--quiet"]) == 0
     assert cli.main(["status", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'}: no run store found (expected run.sqlite)\n"
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(experiment, tmp_path, capsys, monkeypatch):
+    data = yaml.safe_load(experiment.read_text())
+    data.update(fitness={"python": "fitness.py:score"}, heldout=None, budget={"evaluations": 5})
+    (tmp_path / "fitness.py").write_text(
+        "import os\n"
+        "def score(model, tokenizer):\n"
+        "    calls = int(os.environ.get('CLI_TEST_CALLS', '0')) + 1\n"
+        "    os.environ['CLI_TEST_CALLS'] = str(calls)\n"
+        "    if calls == 3:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return {'x': float(model.lm_head.weight.detach().double().sum())}\n"
+    )
+    experiment.write_text(yaml.safe_dump(data))
+    run = tmp_path / "r"
+    monkeypatch.setenv("CLI_TEST_CALLS", "0")  # the fitness counts its calls here; restored after the test
+    assert cli.main(["run", str(experiment), "--run-dir", str(run), "--quiet"]) == 130
+    assert capsys.readouterr().err == f"stopped after 2 results; continue with `evomerge resume {run}`\ninterrupted\n"
+    with RunStore.open_reader(run) as store:
+        assert (store.count(), len(store.results()), store.counts()["running"]) == (3, 2, 1)
+    assert cli.main(["resume", str(run), "--quiet"]) == 0
+    with RunStore.open_reader(run) as store:
+        assert [r.ticket for r in store.results()] == [0, 1, 2, 3, 4] and all(r.ok for r in store.results())

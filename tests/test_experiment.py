@@ -209,7 +209,7 @@ def test_heldout_is_the_fitness_on_the_test_split_with_overrides(folder):
     data["heldout"] = True
     (folder / "e.yaml").write_text(yaml.safe_dump(data))
     experiment = load_experiment(folder / "e.yaml")
-    assert isinstance(experiment.fitness, FitnessSpec) and experiment.is_lm_eval
+    assert isinstance(experiment.fitness, FitnessSpec)
     assert experiment.fitness.include_path == [str((folder / "tasks").resolve())]
     assert experiment.fitness.split == "validation"
     assert experiment.heldout == experiment.fitness.model_copy(update={"split": "test"})
