@@ -69,7 +69,30 @@ def _cmd_zoo_pico(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from evomerge.driver import start_run
 
-    start_run(args.experiment, run_dir=args.run_dir, budget=args.budget, seed=args.seed, progress=not args.quiet)
+    start_run(
+        args.experiment,
+        run_dir=args.run_dir,
+        budget=args.budget,
+        seed=args.seed,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def _cmd_space(args: argparse.Namespace) -> int:
+    from evomerge.experiment import load_experiment
+    from evomerge.spaces.preview import experiment_space, parse_genome
+
+    space = experiment_space(load_experiment(args.experiment))
+    genome = parse_genome(args.genome, space, args.seed)
+    print(f"dimension: {space.dimension}")
+    if not args.recipe_only:
+        print("genes:")
+        for name, value in zip(space.gene_names, genome, strict=True):
+            print(f"  {name} = {value:.4g}")
+    print(f"recipe ({args.genome} genome):")
+    print(space.decode(genome).to_yaml(), end="")
     return 0
 
 
@@ -115,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", default=None, help="run directory (default: the experiment's run_dir or runs/<name>)")
     run.add_argument("--budget", type=int, default=None, help="maximum number of evaluations (overrides budget.evaluations)")
     run.add_argument("--seed", type=int, default=None, help="seed of the run and its strategy (overrides seed)")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished or crashed run in the run directory")
     run.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
     run.set_defaults(func=_cmd_run)
 
@@ -122,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run directory")
     resume.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
     resume.set_defaults(func=_cmd_resume)
+
+    space = commands.add_parser("space", parents=[debug], help="an experiment's search space: genes and a decoded recipe")
+    space.add_argument("experiment", help="experiment YAML")
+    space.add_argument("--genome", default="init", help="'init', 'random' or the genes as comma-separated numbers in [0, 1]")
+    space.add_argument("--seed", type=int, default=0, help="seed of --genome random")
+    space.add_argument("--recipe-only", action="store_true", help="print only the dimension and the recipe")
+    space.set_defaults(func=_cmd_space)
 
     status = commands.add_parser("status", parents=[debug], help="how far a run is (works while it runs)")
     status.add_argument("run_dir", help="the run directory")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -41,9 +42,11 @@ from evomerge.fitness.spec import AGGREGATE
 from evomerge.recipe import Recipe, recipe_from_dict
 from evomerge.runtime import Executor, Job, Outcome, build_executor
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy, get_strategy
-from evomerge.spaces import PoolInfo, SearchSpace, build_space
+from evomerge.spaces import SearchSpace
+from evomerge.spaces.preview import experiment_space
 from evomerge.status import SUMMARY_FILE, read_summary
 from evomerge.store import DB_NAME, CandidateRecord, RunStore, StoreError
+from evomerge.store.lock import LOCK_NAME, RunLock
 
 EXPERIMENT_FILE = "experiment.yaml"
 METADATA_FORMAT = 1
@@ -108,13 +111,8 @@ class Session:
 
 def prepare(experiment: Experiment) -> Session:
     """Open the pool, build space and strategy, start the executor; any mistake is a one-line error."""
-    from evomerge.pool import ModelPool
-
-    with ModelPool.open(experiment.models, experiment.base) as pool:
-        num_layers = pool.layer_map.num_layers
-    source = f"{experiment.source}: search_space"
-    space = build_space(experiment.search_space, PoolInfo(experiment.models, experiment.base, num_layers), source)
-    recipe_from_dict(json.loads(space.decode(space.initial_genome()).model_dump_json()), source)
+    space = experiment_space(experiment)
+    recipe_from_dict(json.loads(space.decode(space.initial_genome()).model_dump_json()), f"{experiment.source}: search_space")
     strategy = build_strategy(
         experiment.strategy.name,
         space.dimension,
@@ -152,18 +150,25 @@ def start_run(
     budget: int | None = None,
     seed: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Validate and prepare the experiment, create its run directory, search, summarize.
 
     Nothing is written before everything is validated and loaded: a refused experiment leaves no
-    run directory behind. Returns the summary (also in ``RUN_DIR/summary.json``).
+    run directory behind, and ``overwrite`` deletes an earlier run only once the new one is ready
+    to start (never one a live driver holds). Returns the summary (also in ``RUN_DIR/summary.json``).
     """
     experiment = load_experiment(experiment_path, run_dir=run_dir, budget=budget, seed=seed)
     folder = Path(experiment.run_dir)
-    if (folder / DB_NAME).exists():
-        raise StoreError(f"{folder}: already holds a run; resume it with `evomerge resume {folder}` or choose a new run directory")
+    if (folder / DB_NAME).exists() and not overwrite:
+        raise StoreError(
+            f"{folder}: already holds a run; resume it with `evomerge resume {folder}`, "
+            "pass --overwrite to replace it, or choose a new run directory"
+        )
     session = prepare(experiment)
     try:
+        if overwrite and folder.is_dir():
+            _clear_run(folder)
         store = _create_store(folder, session)
         with store:
             (folder / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment.snapshot(), sort_keys=False))
@@ -198,6 +203,21 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
             return driver.run()
         finally:
             session.close()
+
+
+def _clear_run(folder: Path) -> None:
+    """Empty ``folder`` under its run lock, so a run still being driven is refused, not deleted."""
+    lock = RunLock.acquire(folder)
+    try:
+        for path in folder.iterdir():
+            if path.name == LOCK_NAME:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    finally:
+        lock.release()
 
 
 def _create_store(folder: Path, session: Session) -> RunStore:

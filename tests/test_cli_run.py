@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from evomerge import cli
+from evomerge.recipe import recipe_from_dict
 from evomerge.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +156,27 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(experiment, tmp_path, capsys, 
     assert cli.main(["resume", str(run), "--quiet"]) == 0
     with RunStore.open_reader(run) as store:
         assert [r.ticket for r in store.results()] == [0, 1, 2, 3, 4] and all(r.ok for r in store.results())
+
+
+def test_space_prints_genes_and_the_decoded_recipe(experiment, pico_family, capsys):
+    assert cli.main(["space", str(experiment), "--genome", "random", "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    header, rest = out.split("recipe (random genome):\n")
+    genes = [line.split(" = ") for line in header.splitlines()[2:]]
+    layers = 2  # the pico family's depth
+    assert header.startswith(f"dimension: {2 * (layers + 1)}\ngenes:\n") and len(genes) == 2 * (layers + 1)
+    values = np.random.default_rng(4).random(len(genes))
+    assert [float(v) for _, v in genes] == pytest.approx(values, abs=5e-4)
+    recipe = recipe_from_dict(yaml.safe_load(rest))
+    assert recipe.method == "task_arithmetic" and recipe.models["a"] == str(pico_family["expert_1"])
+    assert recipe.model_parameters["a"]["weight"] == pytest.approx(2.0 * values[0])  # weight in [0, 2]
+
+    genome = ",".join(["1"] * len(genes))
+    assert cli.main(["space", str(experiment), "--genome", genome, "--recipe-only"]) == 0
+    recipe = recipe_from_dict(yaml.safe_load(capsys.readouterr().out.split("recipe (")[1].split(":\n", 1)[1]))
+    assert recipe.model_parameters == {"a": {"weight": 2.0}, "b": {"weight": 2.0}}
+
+    assert cli.main(["space", str(experiment), "--genome", "1,2"]) == 2
+    assert capsys.readouterr().err == f"error: --genome: expected {len(genes)} numbers in [0, 1], got 2 value(s) '1,2'\n"
+    assert cli.main(["space", str(experiment), "--genome", "x"]) == 2
+    assert "--genome: expected 'init', 'random' or" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from evomerge.experiment import load_experiment
 from evomerge.search import STRATEGIES, Proposal, Strategy, register_strategy
 from evomerge.status import SUMMARY_FILE, run_status
 from evomerge.store import RunStore, StoreError
+from evomerge.store.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "search_spaces" / "task-arithmetic-per-layer.yaml"
@@ -197,6 +198,18 @@ def test_a_run_records_every_step(workspace, pico_family, tmp_path):
     assert contents(run) == before
     with pytest.raises(StoreError, match="already holds a run; resume it with `evomerge resume"):
         start_run(experiment, run_dir=run, progress=False)
+
+    (run / "notes.txt").write_text("left by an earlier run")
+    again = start_run(experiment, run_dir=run, progress=False, overwrite=True)
+    assert {**again, "elapsed_seconds": 0} == {**summary, "elapsed_seconds": 0}  # same seed, same run
+    assert contents(run) == before and not (run / "notes.txt").exists()
+    lock = RunLock.acquire(run)  # a live driver: its run is never deleted
+    try:
+        with pytest.raises(StoreError, match="run is in use by another evomerge process"):
+            start_run(experiment, run_dir=run, progress=False, overwrite=True)
+    finally:
+        lock.release()
+    assert contents(run) == before
 
 
 def test_reference_recipes_are_sources_base_and_uniform_average(workspace):
