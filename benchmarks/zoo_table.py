@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -73,7 +74,7 @@ def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: 
     """A quick evomerge run (CMA-ES, per-layer task arithmetic); returns its best recipe."""
     with tempfile.TemporaryDirectory(prefix="zoo-table-") as tmp:
         experiment = {
-            "name": f"zoo-table-{setting.name}",
+            "name": re.sub(r"[^A-Za-z0-9._-]+", "-", f"zoo-table-{setting.name}"),
             "seed": seed,
             "models": {"base": str(zoo / "base"), **{e: str(zoo / index.model(e).folder) for e in setting.experts}},
             "base": "base",
