@@ -5,9 +5,15 @@ with a word-level tokenizer of ``--vocab-size`` tokens), writes a generate_until
 ``--examples`` arithmetic prompts, and times ``LmEvalFitness``: the one-time set-up, the first
 evaluation (builds and tokenizes the prompts), and the steady state over ``--repeats`` evaluations
 (median), read from the results' own timings: forward passes (hooks on the model) and time inside
-Hugging Face's ``generate``, so the overhead splits into HF's generation loop (per-step input
-preparation, KV cache, lm-eval's stop-string checks) and lm-eval plus our side (prompts, scoring).
-The baseline is what the brief warns about: ``simple_evaluate`` with a fresh TaskManager per call.
+the decoding loop, so the overhead splits into the loop around the forward passes and lm-eval plus
+our side (prompts, scoring). Two decoders are timed, their evaluations interleaved (and which goes
+first alternating) so load from other processes hits both alike: ResidentLM's lean greedy loop (the
+default) and Hugging Face's ``generate`` (``lean_greedy=False``); their per-example scores must be
+identical. The baseline is what the brief warns about: ``simple_evaluate`` with a fresh TaskManager
+per call.
+
+On a machine shared with other jobs, pass ``--threads 1``: torch's default of one thread per core
+makes every small forward pass wait on a busy core, and all times balloon (tens of times over).
 
     python benchmarks/eval_overhead.py [--examples 200] [--batch-size 32] [--max-gen-toks 8] [--repeats 5]
                                        [--threads N] [--baseline-repeats 2]
@@ -24,6 +30,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from evomerge.fitness import LmEvalFitness  # noqa: E402
+from evomerge.fitness import FitnessResult, LmEvalFitness  # noqa: E402
 from evomerge.zoo.pico import build_pico  # noqa: E402
 
 TARGET_OVERHEAD = 0.20
@@ -83,6 +90,40 @@ def baseline_seconds(model, tokenizer, folder: Path, batch_size: int, repeats: i
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class Timings:
+    """Medians over the repeated evaluations, in seconds."""
+
+    first: float
+    total: float
+    forward: float
+    generate: float
+
+
+def summarize(first: FitnessResult, repeats: list[FitnessResult]) -> Timings:
+    def median(key: str) -> float:
+        return statistics.median(r.timings[key] for r in repeats)
+
+    return Timings(first.timings["total"], median("total"), median("forward"), median("generate"))
+
+
+def report(name: str, t: Timings, examples: int, repeats: int) -> None:
+    def verdict(ratio: float) -> str:
+        return f"{ratio:7.1%}  (target <= {TARGET_OVERHEAD:.0%}: {'met' if ratio <= TARGET_OVERHEAD else 'missed'})"
+
+    rows = [
+        ("first evaluation (builds the prompts):", f"{t.first:7.3f} s"),
+        (f"per evaluation (median of {repeats}):", f"{t.total:7.3f} s  ({examples / t.total:.0f} examples/s)"),
+        ("  forward passes:", f"{t.forward:7.3f} s"),
+        ("  decoding loop around them:", f"{t.generate - t.forward:7.3f} s"),
+        ("  lm-eval + evomerge (outside decoding):", f"{t.total - t.generate:7.3f} s"),
+        ("overhead outside forward passes / forward:", verdict((t.total - t.forward) / t.forward)),
+    ]
+    print(f"{name}:")
+    for label, value in rows:
+        print(f"  {label:<44}{value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=200)
@@ -103,39 +144,38 @@ def main() -> None:
         write_task(folder, args.examples, args.max_gen_toks)
         spec = {"include_path": str(folder), "tasks": [{"task": "bench_add"}], "batch_size": args.batch_size}
 
-        fitness = LmEvalFitness(spec)
-        first = fitness.evaluate(model, tokenizer)
-        rows = []
-        for _ in range(args.repeats):
-            t = fitness.evaluate(model, tokenizer).timings
-            rows.append((t["total"], t["forward"], t["generate"]))
+        fitness = {
+            "lean greedy loop": LmEvalFitness(spec),
+            "Hugging Face generate": LmEvalFitness(spec, lean_greedy=False),
+        }
+        first = {name: f.evaluate(model, tokenizer) for name, f in fitness.items()}
+        runs: dict[str, list[FitnessResult]] = {name: [] for name in fitness}
+        for i in range(args.repeats):
+            for name in list(fitness)[:: 1 if i % 2 == 0 else -1]:  # alternate which decoder goes first
+                runs[name].append(fitness[name].evaluate(model, tokenizer))
         baseline = (
             baseline_seconds(model, tokenizer, folder, args.batch_size, args.baseline_repeats)
             if args.baseline_repeats
             else None
         )
 
-    total = statistics.median(r[0] for r in rows)
-    forward = statistics.median(r[1] for r in rows)
-    generate = statistics.median(r[2] for r in rows)
-    outside_forward = (total - forward) / forward
-    outside_generate = (total - generate) / generate
-
-    def verdict(ratio: float) -> str:
-        return f"{ratio:7.1%}  (target <= {TARGET_OVERHEAD:.0%}: {'met' if ratio <= TARGET_OVERHEAD else 'missed'})"
-
+    results = [r for name in fitness for r in (first[name], *runs[name])]
+    identical = all(r.per_example == results[0].per_example for r in results)
+    timings = {name: summarize(first[name], runs[name]) for name in fitness}
     print(f"model: Llama {n_params / 1e6:.2f} M params; {args.examples} generate_until examples, "
           f"batch {args.batch_size}, up to {args.max_gen_toks} new tokens; torch threads {torch.get_num_threads()}")
-    print(f"set-up (once):                            {fitness.setup_seconds:7.3f} s")
-    print(f"first evaluation (builds the prompts):    {first.timings['total']:7.3f} s")
-    print(f"per evaluation (median of {args.repeats}):            {total:7.3f} s  ({args.examples / total:.0f} examples/s)")
-    print(f"  forward passes:                         {forward:7.3f} s")
-    print(f"  HF generate loop around them:           {generate - forward:7.3f} s")
-    print(f"  lm-eval + evomerge (outside generate):  {total - generate:7.3f} s")
-    print(f"overhead outside forward passes / forward: {verdict(outside_forward)}")
-    print(f"overhead outside generate / generate:      {verdict(outside_generate)}")
+    print(f"{'set-up (once):':<46}{fitness['lean greedy loop'].setup_seconds:7.3f} s")
+    for name, t in timings.items():
+        report(name, t, args.examples, args.repeats)
+    lean, stock = timings["lean greedy loop"], timings["Hugging Face generate"]
+    print(f"per-example scores identical across decoders and repeats: {identical}")
+    print(f"lean loop vs generate: {stock.total / lean.total:.2f}x faster per evaluation, loop overhead "
+          f"{stock.generate - stock.forward:.3f} s -> {lean.generate - lean.forward:.3f} s")
     if baseline is not None:
-        print(f"baseline simple_evaluate + new TaskManager: {baseline:6.3f} s per call ({baseline / total:.1f}x slower)")
+        print(f"baseline simple_evaluate + new TaskManager: {baseline:6.3f} s per call "
+              f"({baseline / lean.total:.1f}x slower)")
+    if not identical:
+        raise SystemExit("the lean loop's scores differ from generate's")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,16 @@ class LmEvalFitness(Fitness):
     """Weighted lm-eval task metrics of a model already in memory.
 
     ``base_dir`` anchors relative ``include_path`` folders (the experiment file's folder);
-    ``setup_seconds`` records what construction cost, paid once.
+    ``setup_seconds`` records what construction cost, paid once. ``lean_greedy=False`` decodes
+    with Hugging Face's ``generate`` instead of ``ResidentLM``'s identical lean loop (a reference
+    for tests and benchmarks).
     """
 
-    def __init__(self, spec: FitnessSpec | Mapping[str, Any], *, base_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, spec: FitnessSpec | Mapping[str, Any], *, base_dir: str | Path | None = None, lean_greedy: bool = True
+    ) -> None:
         start = time.perf_counter()
+        self._lean_greedy = lean_greedy
         self.spec = parse_fitness_spec(spec)
         quiet_lm_eval()
         use_template_cache()
@@ -113,7 +118,7 @@ class LmEvalFitness(Fitness):
         """The HFLM for this (model, tokenizer) pair, reused while both objects stay the same."""
         if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:
             return self._lm
-        lm = ResidentLM(model, tokenizer, batch_size=self.spec.batch_size)
+        lm = ResidentLM(model, tokenizer, batch_size=self.spec.batch_size, lean_greedy=self._lean_greedy)
         for task in self._tasks:
             if task.task.OUTPUT_TYPE != "generate_until":
                 continue
