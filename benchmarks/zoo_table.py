@@ -70,7 +70,7 @@ def score_recipe(merger: ResidentMerger, recipe: Recipe, setting: SettingEntry) 
     return {"validation": zoo_fitness.objective(val, "validation"), "test": test}
 
 
-def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int) -> Recipe:
+def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int, space: Path) -> Recipe:
     """A quick evomerge run (CMA-ES, per-layer task arithmetic); returns its best recipe."""
     with tempfile.TemporaryDirectory(prefix="zoo-table-") as tmp:
         experiment = {
@@ -78,7 +78,7 @@ def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: 
             "seed": seed,
             "models": {"base": str(zoo / "base"), **{e: str(zoo / index.model(e).folder) for e in setting.experts}},
             "base": "base",
-            "search_space": str(SPACE),
+            "search_space": str(space),
             "strategy": {"name": "cmaes", "settings": {"sigma0": 0.25}},
             "fitness": {"python": f"{HERE / 'zoo_fitness.py'}:validation"},
             "budget": {"evaluations": budget},
@@ -94,7 +94,7 @@ def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: 
     return recipe_from_dict(recipe, "best per-layer recipe")
 
 
-def setting_table(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int) -> list[dict]:
+def setting_table(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int, space: Path) -> list[dict]:
     os.environ["ZOO_TABLE_SETTING"] = setting.model_dump_json()
     zoo_fitness._zoo.cache_clear()
     rows = []
@@ -114,9 +114,9 @@ def setting_table(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int
         best_global = max(globals_, key=lambda r: _first(r["validation"]))
         rows.append({**best_global, "label": f"best global ({best_global['label']})", "kind": "best global"})
         started = time.perf_counter()
-        recipe = per_layer_search(zoo, index, setting, budget, seed)
+        recipe = per_layer_search(zoo, index, setting, budget, seed, space)
         row = score_recipe(merger, recipe, setting)
-        rows.append({"label": f"best per-layer (CMA-ES, {budget} evals)", "kind": "per-layer", **row,
+        rows.append({"label": f"best per-layer (CMA-ES, {budget} evals, {space.stem})", "kind": "per-layer", **row,
                      "search_seconds": round(time.perf_counter() - started, 1)})
     return rows
 
@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--zoo", default=os.environ.get("EVOMERGE_ZOO", ".cache/zoo"), help="built zoo folder")
     parser.add_argument("--budget", type=int, default=150, help="evaluations of each per-layer search")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", default=None, help="comma-separated setting names (default: all)")
+    parser.add_argument("--settings", default=None, help="comma-separated setting names, pairs included (default: all)")
+    parser.add_argument("--space", default=str(SPACE), help="search space of the per-layer searches")
     parser.add_argument("--pairs", action="store_true", help="also merge every pair of a multi-skill setting's experts")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -193,10 +194,11 @@ def main() -> None:
     os.environ["ZOO_TABLE_ZOO"] = str(zoo)
     index = ZooIndex.load(zoo / "zoo.json")
     wanted = None if args.settings is None else set(args.settings.split(","))
-    settings = [s for s in index.settings if wanted is None or s.name in wanted]
+    settings = list(index.settings)
     if args.pairs:
-        settings += [pair for s in settings if s.target is None for pair in expert_pairs(s)]
-    tables = {setting.name: setting_table(zoo, index, setting, args.budget, args.seed) for setting in settings}
+        settings += [pair for s in index.settings if s.target is None for pair in expert_pairs(s)]
+    settings = [s for s in settings if wanted is None or s.name in wanted]
+    tables = {setting.name: setting_table(zoo, index, setting, args.budget, args.seed, Path(args.space)) for setting in settings}
     print()
     for setting in settings:
         print(markdown(setting, tables[setting.name]), end="\n\n")
