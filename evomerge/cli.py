@@ -103,6 +103,66 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_front(args: argparse.Namespace) -> int:
+    from evomerge.inspection import RunView, pareto_front
+
+    view = RunView.load(args.run_dir)
+    objectives = args.objectives.split(",") if args.objectives else None
+    members = pareto_front(view, objectives)
+    if args.json:
+        print(json.dumps({"run_dir": str(view.run_dir), "state": view.state, "objectives": objectives or view.objectives,
+                          "front": [m.to_json() for m in members]}, indent=2))
+        return 0
+    names = view.objectives
+    print(f"{view.name}: {len(members)} non-dominated of {len(view.ok_results())} successful candidates ({view.state})")
+    for m in members:
+        val = " ".join(f"{n}={m.objectives[n]:.4g}" for n in names)
+        test = "" if m.heldout is None else "  test " + " ".join(f"{n}={m.heldout[n]:.4g}" for n in names)
+        print(f"  #{m.candidate:<5d} {val}{test}  |  {m.summary}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.inspection.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from evomerge.inspection.compare import compare_runs
+
+    out, rows = compare_runs(args.run_dirs, args.out)
+    for row in rows:
+        volume = "" if row["hypervolume"] is None else f", hypervolume {row['hypervolume']:.4g}"
+        print(f"{row['run']}: best {row['best']:.4g} after {row['evaluations']} evaluations{volume}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.inspection.export_candidate import export_candidate
+
+    folder, ticket, no_mergekit = export_candidate(
+        args.run_dir, args.out, candidate=args.candidate, best=args.best, pick=args.pick,
+        overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+    )
+    print(f"wrote candidate {ticket} to {folder}" + ("" if no_mergekit is None else f" (no mergekit.yaml: {no_mergekit})"))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from evomerge.inspection.evaluate import evaluate_candidates
+
+    def show(ticket: int, scores: dict[str, float] | None, error: str | None) -> None:
+        text = error if scores is None else " ".join(f"{k}={v:.4g}" for k, v in scores.items())
+        print(f"  #{ticket}: {text}", flush=True)
+
+    scored = evaluate_candidates(args.run_dir, front=args.front, candidates=args.candidate, split=args.split, on_result=show)
+    print(f"{len(scored)} candidate(s) scored on the {args.split} split")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from evomerge.status import print_status, run_status
 
@@ -158,6 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", help="the run directory")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
+
+    front = commands.add_parser("front", parents=[debug], help="the non-dominated candidates of a run (live or finished)")
+    front.add_argument("run_dir", help="the run directory")
+    front.add_argument("--objectives", default=None, help="comma-separated objectives to rank on (default: all)")
+    front.add_argument("--json", action="store_true", help="machine-readable output")
+    front.set_defaults(func=_cmd_front)
+
+    report = commands.add_parser("report", parents=[debug], help="write an HTML report with figures (RUN_DIR/report)")
+    report.add_argument("run_dir", help="the run directory")
+    report.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    report.set_defaults(func=_cmd_report)
+
+    compare = commands.add_parser("compare", parents=[debug], help="best-so-far and hypervolume curves of several runs")
+    compare.add_argument("run_dirs", nargs="+", help="run directories")
+    compare.add_argument("--out", default="compare.png", help="output PNG (default: compare.png)")
+    compare.set_defaults(func=_cmd_compare)
+
+    export = commands.add_parser("export", parents=[debug], help="write one candidate as a Hugging Face folder")
+    export.add_argument("run_dir", help="the run directory")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--candidate", type=int, default=None, help="candidate id")
+    which.add_argument("--best", action="store_true", help="the best candidate on the first objective")
+    which.add_argument("--pick", default=None, help="front member maximizing weighted objectives, e.g. 'a=0.7,b=0.3'")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    export.add_argument("--device", default="cpu", help="device for the merge arithmetic")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=_cmd_export)
+
+    evaluate = commands.add_parser("evaluate", parents=[debug], help="score front members on the held-out split and store it")
+    evaluate.add_argument("run_dir", help="the run directory")
+    evaluate.add_argument("--front", action="store_true", help="every member of the Pareto front")
+    evaluate.add_argument("--candidate", type=int, action="append", default=None, help="a candidate id (repeatable)")
+    evaluate.add_argument("--split", default="test", choices=["test"], help="the held-out split (default: test)")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     zoo = commands.add_parser("zoo", help="the project's own small model families").add_subparsers(
         dest="zoo_command", required=True, metavar="ZOO_COMMAND"

@@ -41,6 +41,22 @@ class RunLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(path, fd)
 
+    @staticmethod
+    def in_use(run_dir: Path) -> bool:
+        """Whether a live process holds the lock of ``run_dir`` (probed without taking or touching it)."""
+        path = Path(run_dir) / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     @property
     def held(self) -> bool:
         return self._fd is not None

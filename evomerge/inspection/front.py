@@ -1,0 +1,85 @@
+"""``evomerge front``: the non-dominated candidates of a run, with a one-line recipe summary each."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.inspection.pareto import nondominated_ranks
+from evomerge.inspection.run_view import RunView
+
+
+@dataclass(frozen=True)
+class FrontMember:
+    """A candidate on the front: validation objectives, held-out ones where evaluated, its recipe in a line."""
+
+    candidate: int
+    rank: int
+    objectives: dict[str, float]
+    heldout: dict[str, float] | None
+    summary: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"candidate": self.candidate, "rank": self.rank, "objectives": self.objectives,
+                "heldout": self.heldout, "recipe": self.summary}
+
+
+def pareto_front(run: RunView | str | Path, objectives: list[str] | None = None, *, max_rank: int = 0) -> list[FrontMember]:
+    """Candidates of Pareto rank ≤ ``max_rank`` on the chosen validation objectives (all by default),
+    best first on the first objective. With one objective the front is the best candidate (and ties)."""
+    view = run if isinstance(run, RunView) else RunView.load(run)
+    names = objectives or view.objectives
+    records = view.ok_results()
+    if not records:
+        return []
+    values = view.values(records, names)
+    ranks = nondominated_ranks(values)
+    members = [
+        FrontMember(
+            candidate=record.ticket,
+            rank=int(rank),
+            objectives=dict(zip(view.objectives, record.evaluation.objectives.tolist())),
+            heldout=view.heldout(record.ticket),
+            summary=recipe_summary(view.recipe(record.ticket)),
+        )
+        for record, rank in zip(records, ranks)
+        if rank <= max_rank
+    ]
+    first = names[0]
+    return sorted(members, key=lambda m: (m.rank, -m.objectives[first], m.candidate))
+
+
+def recipe_summary(recipe: dict[str, Any]) -> str:
+    """'task_arithmetic, 7 rules; weight: skill 0.08–1.27, lang 0.03–1.9' — each parameter's range
+    per source over the recipe and its rules (a single value when it never varies)."""
+    ranges: dict[tuple[str, str], list[float]] = defaultdict(list)
+    blocks = [recipe, *recipe.get("rules", [])]
+    for block in blocks:
+        for model, params in (block.get("model_parameters") or {}).items():
+            for key, value in params.items():
+                ranges[(key, model)].extend(_numbers(value))
+    methods = sorted({b["method"] for b in blocks if b.get("method")})
+    head = "/".join(methods) or "?"
+    if recipe.get("rules"):
+        head += f", {len(recipe['rules'])} rules"
+    by_param: dict[str, list[str]] = defaultdict(list)
+    for (key, model), values in ranges.items():
+        low, high = min(values), max(values)
+        by_param[key].append(f"{model} {low:.3g}" if low == high else f"{model} {low:.3g}–{high:.3g}")
+    parts = [f"{key}: {', '.join(items)}" for key, items in by_param.items()]
+    return "; ".join([head, *parts])
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, list):
+        out: list[float] = []
+        for item in value:
+            out.extend(_numbers(item["value"] if isinstance(item, dict) and "value" in item else item))
+        return out
+    return []

@@ -1,0 +1,114 @@
+"""The report's figures (matplotlib, Agg): fronts, progress curves, a recipe's per-layer heat map.
+
+Each function takes data already read from the store and returns a ``Figure``; nothing here
+reads files, so the figures are testable on made-up data.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from evomerge.inspection.pareto import hypervolume, nondominated_ranks, reference_point  # noqa: E402
+
+FRONT_COLOR = "#d62728"
+ALL_COLOR = "#9a9a9a"
+
+
+def front_figure(values: np.ndarray, names: list[str], chosen: int | None = None) -> Figure:
+    """All candidates and the non-dominated ones: one panel for 2 objectives, a pairwise grid for more,
+    and the objective over the evaluations for a single one."""
+    values = np.asarray(values, dtype=float)
+    if values.shape[1] == 1:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+        order = np.arange(1, len(values) + 1)
+        ax.scatter(order, values[:, 0], s=12, color=ALL_COLOR, label="candidate")
+        best = int(np.argmax(values[:, 0]))
+        ax.scatter([order[best]], [values[best, 0]], s=60, color=FRONT_COLOR, label="best", zorder=3)
+        ax.set(xlabel="evaluation", ylabel=f"{names[0]} (validation)", title="Candidates in evaluation order")
+        ax.legend(loc="lower right")
+        return fig
+    ranks = nondominated_ranks(values)
+    pairs = list(itertools.combinations(range(values.shape[1]), 2))
+    cols = min(3, len(pairs))
+    rows = int(np.ceil(len(pairs) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), layout="constrained", squeeze=False)
+    for ax, (i, j) in zip(axes.flat, pairs):
+        on = ranks == 0
+        ax.scatter(values[~on, i], values[~on, j], s=12, color=ALL_COLOR, label="dominated")
+        front = values[on][np.argsort(values[on, i])]
+        ax.plot(front[:, i], front[:, j], "-o", color=FRONT_COLOR, markersize=5, label="Pareto front (rank 0)")
+        if chosen is not None:
+            ax.scatter([values[chosen, i]], [values[chosen, j]], s=140, facecolors="none", edgecolors="black", label="chosen")
+        ax.set(xlabel=f"{names[i]} (validation, ↑)", ylabel=f"{names[j]} (validation, ↑)")
+        ax.legend(loc="lower left", fontsize="small")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.suptitle("Pareto front")
+    return fig
+
+
+def progress_series(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Best-so-far per objective (n × k) and, with ≥ 2 objectives, the hypervolume after each result."""
+    values = np.asarray(values, dtype=float)
+    best = np.maximum.accumulate(values, axis=0)
+    if values.shape[1] < 2:
+        return best, None
+    reference = reference_point(values)
+    volume = np.array([hypervolume(values[: n + 1], reference) for n in range(len(values))])
+    return best, volume
+
+
+def progress_figure(values: np.ndarray, names: list[str]) -> Figure:
+    best, volume = progress_series(values)
+    panels = 1 if volume is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.0), layout="constrained", squeeze=False)
+    steps = np.arange(1, len(best) + 1)
+    for k, name in enumerate(names):
+        axes[0, 0].step(steps, best[:, k], where="post", label=name)
+    axes[0, 0].set(xlabel="successful evaluations", ylabel="best so far (validation)", title="Best so far")
+    axes[0, 0].legend(loc="lower right")
+    if volume is not None:
+        axes[0, 1].step(steps, volume, where="post", color="#2ca02c")
+        axes[0, 1].set(xlabel="successful evaluations", ylabel="hypervolume", title="Hypervolume (reference below every point)")
+    return fig
+
+
+def heatmap_figure(matrix: np.ndarray, rows: list[str], columns: list[str], parameter: str, title: str) -> Figure:
+    """Per-layer coefficients of a recipe: one row per source (× module kind), one column per layer."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(columns) + 2.5), max(2.4, 0.5 * len(rows) + 1.6)), layout="constrained")
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(columns)), columns, rotation=90 if len(columns) > 16 else 0)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(xlabel="layer", title=title)
+    if matrix.size <= 300:
+        middle = np.nanmean(matrix) if np.isfinite(matrix).any() else 0.0
+        for (r, c), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < middle else "black")
+    fig.colorbar(image, ax=ax, label=parameter)
+    return fig
+
+
+def compare_figure(curves: dict[str, np.ndarray], volumes: dict[str, np.ndarray | None], objective: str) -> Figure:
+    """Best-so-far (first objective) of several runs, and their hypervolume curves where defined."""
+    has_volume = any(v is not None for v in volumes.values())
+    panels = 2 if has_volume else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.0), layout="constrained", squeeze=False)
+    for label, curve in curves.items():
+        axes[0, 0].step(np.arange(1, len(curve) + 1), curve, where="post", label=label)
+        if volumes.get(label) is not None:
+            axes[0, 1].step(np.arange(1, len(curve) + 1), volumes[label], where="post", label=label)
+    axes[0, 0].set(xlabel="successful evaluations", ylabel=f"best {objective} so far (validation)", title="Best so far")
+    axes[0, 0].legend(loc="lower right")
+    if has_volume:
+        axes[0, 1].set(xlabel="successful evaluations", ylabel="hypervolume (shared reference)", title="Hypervolume")
+        axes[0, 1].legend(loc="lower right")
+    return fig

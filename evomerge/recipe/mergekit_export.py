@@ -1,0 +1,46 @@
+"""Write a recipe as a mergekit config, when mergekit would compute the same tensors from it.
+
+That holds for a recipe without rules (mergekit has no per-layer-group overrides outside slices),
+a deterministic method both tools share (DARE and DELLA draw their random masks differently), and
+parameters mergekit knows. Anything else raises a one-line ``ConfigError`` saying why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.errors import ConfigError
+from evomerge.recipe.schema import Recipe
+
+EXACT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "model_stock")
+MERGEKIT_PARAMETERS = {"weight", "density", "lambda", "normalize", "t", "gamma", "epsilon", "filter_wise"}
+
+
+def recipe_to_mergekit(recipe: Recipe) -> dict[str, Any]:
+    """The mergekit config of ``recipe`` (models by path), or a ``ConfigError`` naming what mergekit lacks."""
+    if recipe.rules:
+        raise ConfigError(f"mergekit cannot express the recipe's {len(recipe.rules)} per-layer/per-module rules")
+    if recipe.method not in EXACT_METHODS:
+        raise ConfigError(f"mergekit's '{recipe.method}' would not reproduce these tensors (supported: {', '.join(EXACT_METHODS)})")
+    used = set(recipe.parameters) | {key for params in recipe.model_parameters.values() for key in params}
+    unknown = sorted(used - MERGEKIT_PARAMETERS)
+    if unknown:
+        raise ConfigError(f"mergekit has no parameter {', '.join(repr(k) for k in unknown)}")
+    models = []
+    for name in recipe.source_names:
+        entry: dict[str, Any] = {"model": recipe.models[name]}
+        if recipe.model_parameters.get(name):
+            entry["parameters"] = dict(recipe.model_parameters[name])
+        models.append(entry)
+    config: dict[str, Any] = {"merge_method": recipe.method}
+    if recipe.base is not None and recipe.method != "linear":  # mergekit's linear merges exactly the listed models
+        config["base_model"] = recipe.models[recipe.base]
+    config["models"] = models
+    if recipe.parameters:
+        config["parameters"] = dict(recipe.parameters)
+    if recipe.dtype is not None:
+        config["dtype"] = recipe.dtype
+    if recipe.tokenizer is not None:
+        in_config = recipe.tokenizer == recipe.base and "base_model" in config
+        config["tokenizer_source"] = "base" if in_config else recipe.models[recipe.tokenizer]
+    return config
