@@ -28,10 +28,11 @@ class FrontMember:
 
 def pareto_front(run: RunView | str | Path, objectives: list[str] | None = None, *, max_rank: int = 0) -> list[FrontMember]:
     """Candidates of Pareto rank ≤ ``max_rank`` on the chosen validation objectives (all by default),
-    best first on the first objective. With one objective the front is the best candidate (and ties)."""
+    best first on the first objective. With one objective the front is the best candidate (and ties).
+    A repeat of an earlier recipe (a fitness-cache hit) is left out: the earlier candidate stands for it."""
     view = run if isinstance(run, RunView) else RunView.load(run)
     names = objectives or view.objectives
-    records = view.ok_results()
+    records = view.ok_results(distinct=True)
     if not records:
         return []
     values = view.values(records, names)

@@ -47,7 +47,7 @@ def front_figure(values: np.ndarray, names: list[str], chosen: int | None = None
         if chosen is not None:
             ax.scatter([values[chosen, i]], [values[chosen, j]], s=140, facecolors="none", edgecolors="black", label="chosen")
         ax.set(xlabel=f"{names[i]} (validation, ↑)", ylabel=f"{names[j]} (validation, ↑)")
-        ax.legend(loc="lower left", fontsize="small")
+        ax.legend(loc="best", fontsize="small", framealpha=0.9)
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     fig.suptitle("Pareto front")

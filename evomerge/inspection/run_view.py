@@ -55,12 +55,13 @@ class RunView:
             state=state,
         )
 
-    def ok_results(self, split: str = "validation") -> list[ResultRecord]:
-        """Successful results of ``split``, one per candidate (the first recorded), in store order."""
+    def ok_results(self, split: str = "validation", *, distinct: bool = False) -> list[ResultRecord]:
+        """Successful results of ``split``, one per candidate (the first recorded), in store order;
+        ``distinct`` also drops fitness-cache hits (a repeat of an earlier candidate's recipe)."""
         seen: set[int] = set()
         kept = []
         for record in sorted(self.results[split], key=lambda r: r.seq):
-            if record.ok and record.ticket not in seen:
+            if record.ok and record.ticket not in seen and not (distinct and record.cached_from is not None):
                 seen.add(record.ticket)
                 kept.append(record)
         return kept
