@@ -76,6 +76,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        ray_address=args.ray_address,
     )
     return 0
 
@@ -99,7 +100,7 @@ def _cmd_space(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.driver import resume_run
 
-    resume_run(args.run_dir, progress=not args.quiet)
+    resume_run(args.run_dir, progress=not args.quiet, ray_address=args.ray_address)
     return 0
 
 
@@ -199,11 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=int, default=None, help="maximum number of evaluations (overrides budget.evaluations)")
     run.add_argument("--seed", type=int, default=None, help="seed of the run and its strategy (overrides seed)")
     run.add_argument("--overwrite", action="store_true", help="replace a finished or crashed run in the run directory")
+    run.add_argument("--ray-address", default=None, help="run the workers on this Ray cluster ('auto', 'ray://host:10001')")
     run.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
     run.set_defaults(func=_cmd_run)
 
     resume = commands.add_parser("resume", parents=[debug], help="continue a stopped or crashed run")
     resume.add_argument("run_dir", help="the run directory")
+    resume.add_argument("--ray-address", default=None, help="continue on this Ray cluster ('auto', 'ray://host:10001')")
     resume.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
     resume.set_defaults(func=_cmd_resume)
 

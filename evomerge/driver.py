@@ -40,11 +40,11 @@ from evomerge.experiment import Experiment, load_experiment
 from evomerge.fitness.base import canonical_hash
 from evomerge.fitness.spec import AGGREGATE
 from evomerge.recipe import Recipe, recipe_from_dict
-from evomerge.runtime import Executor, Job, Outcome, build_executor
+from evomerge.runtime import Executor, Job, Outcome, build_executor, with_ray_address
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy, get_strategy
 from evomerge.spaces import SearchSpace
 from evomerge.spaces.preview import experiment_space
-from evomerge.status import SUMMARY_FILE, read_summary
+from evomerge.status import SUMMARY_FILE, WORKERS_FILE, read_summary
 from evomerge.store import DB_NAME, CandidateRecord, RunStore, StoreError
 from evomerge.store.lock import LOCK_NAME, RunLock
 
@@ -151,6 +151,7 @@ def start_run(
     seed: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Validate and prepare the experiment, create its run directory, search, summarize.
 
@@ -158,7 +159,7 @@ def start_run(
     run directory behind, and ``overwrite`` deletes an earlier run only once the new one is ready
     to start (never one a live driver holds). Returns the summary (also in ``RUN_DIR/summary.json``).
     """
-    experiment = load_experiment(experiment_path, run_dir=run_dir, budget=budget, seed=seed)
+    experiment = with_ray_address(load_experiment(experiment_path, run_dir=run_dir, budget=budget, seed=seed), ray_address)
     folder = Path(experiment.run_dir)
     if (folder / DB_NAME).exists() and not overwrite:
         raise StoreError(
@@ -178,14 +179,15 @@ def start_run(
         session.close()
 
 
-def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its store (a second driver on it is refused)."""
+def resume_run(run_dir: str | Path, *, progress: bool = True, ray_address: str | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its store (a second driver on it is refused);
+    ``ray_address`` moves the rest of the run onto a Ray cluster."""
     folder = Path(run_dir).resolve()
     with RunStore.open(folder) as store:
         metadata = store.metadata
         if metadata.get("format") != METADATA_FORMAT:
             raise StoreError(f"{folder}: run metadata format {metadata.get('format')!r} is not supported")
-        experiment = Experiment.from_snapshot(metadata["experiment"], str(folder / EXPERIMENT_FILE))
+        experiment = with_ray_address(Experiment.from_snapshot(metadata["experiment"], str(folder / EXPERIMENT_FILE)), ray_address)
         summary = read_summary(folder)
         if summary is not None:
             if progress:
@@ -316,6 +318,7 @@ class Driver:
         if self._unsaved:
             self._checkpoint()
         summary = self._summarize()
+        self._write_workers()
         if self._display.enabled:
             print_summary(summary)
         return summary
@@ -389,6 +392,13 @@ class Driver:
         if evaluation.failed:
             self._failed += 1
         self._told(evaluation)
+        self._write_workers()
+
+    def _write_workers(self) -> None:
+        """Per-worker state for ``status`` (a small file rewritten atomically; the store stays append-only)."""
+        states = self.executor.worker_states()
+        if states:
+            _write_json_atomic(Path(self.store.path).parent / WORKERS_FILE, {"updated": time.time(), "workers": states})
 
     def _told(self, evaluation: Evaluation) -> None:
         """Tell the strategy a result already in the store; checkpoint every ``checkpoint_every`` results."""

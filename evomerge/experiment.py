@@ -79,11 +79,29 @@ class BudgetConfig(_Strict):
         return self
 
 
+RAY_ONLY = ("address", "workers", "num_cpus", "num_gpus", "worker_cpus", "worker_gpus", "max_retries")
+
+
 class ExecutorConfig(_Strict):
-    kind: Literal["local"] = "local"
-    device: str = Field(default="cpu", description="torch device of the worker's resident model")
+    kind: Literal["local", "ray"] = "local"
+    device: str = Field(default="cpu", description="torch device of each worker's resident model")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; null = torch's default")
+    address: str | None = Field(default=None, description="ray: 'auto', 'ray://host:10001' or host:port; null = a local instance")
+    workers: int | None = Field(default=None, ge=1, description="ray: worker actors; null = one per GPU (or per CPU slot)")
+    num_cpus: int | None = Field(default=None, ge=1, description="ray: CPUs of a local instance (null = all)")
+    num_gpus: int | None = Field(default=None, ge=0, description="ray: GPUs of a local instance (null = all)")
+    worker_cpus: float = Field(default=1.0, gt=0, description="ray: CPUs each worker actor reserves")
+    worker_gpus: float | None = Field(default=None, ge=0, description="ray: GPUs per worker; null = 1 for a cuda device, else 0")
+    max_retries: int = Field(default=2, ge=0, description="ray: re-runs of a candidate whose worker died")
+
+    @model_validator(mode="after")
+    def _ray_fields_need_ray(self) -> ExecutorConfig:
+        if self.kind != "ray":
+            for name in RAY_ONLY:
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"{name}: only used with kind: ray (kind is {self.kind!r})")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -19,6 +19,7 @@ from rich.console import Console
 from evomerge.store import RunStore
 
 SUMMARY_FILE = "summary.json"
+WORKERS_FILE = "workers.json"
 PAUSE_FACTOR = 20.0
 PAUSE_MIN_SECONDS = 60.0
 
@@ -27,6 +28,12 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's closing summary (``summary.json``), or None while the run is not done."""
     path = Path(run_dir) / SUMMARY_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_workers(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The executor's per-worker state as of its last result (``workers.json``), [] before any."""
+    path = Path(run_dir) / WORKERS_FILE
+    return list(json.loads(path.read_text())["workers"]) if path.is_file() else []
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -72,6 +79,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 phase: _mean([r.timings.get(phase) for r in evaluated]) for phase in ("merge", "evaluate", "total")
             },
         },
+        "executor": experiment.get("executor", {}).get("kind", "local"),
+        "workers": read_workers(folder),
         "summary": summary,
     }
 
@@ -115,6 +124,12 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
         if best["heldout"] is not None:
             line += " | held-out " + ", ".join(f"{k} {v:.4f}" for k, v in best["heldout"].items())
         console.print(line)
+    for worker in status.get("workers", []):
+        console.print(
+            f"  worker {worker['name']}: {worker['state'] if not status['done'] else 'stopped'} on {worker['node']} "
+            f"({worker['device']}), {worker['evaluations']} evaluations, {worker['failures']} failures"
+            + (f", replaced {worker['restarts']}×" if worker.get("restarts") else "")
+        )
     if status["summary"] is not None:
         from evomerge.display import print_summary
 

@@ -1,4 +1,4 @@
-"""Executors: where candidates are materialized and scored (``local`` in-process; ``ray`` next).
+"""Executors: where candidates are materialized and scored (``local`` in-process, ``ray`` on a cluster).
 
 ``build_executor(experiment)`` starts the executor an experiment names; the driver only uses the
 ``Executor`` interface (``submit`` to a free slot, ``poll`` for completions).
@@ -25,8 +25,20 @@ def worker_spec(experiment: Experiment) -> WorkerSpec:
 
 
 def build_executor(experiment: Experiment) -> Executor:
-    """Start the executor of ``experiment.executor.kind`` (only ``local`` so far)."""
+    """Start the executor of ``experiment.executor.kind``."""
+    if experiment.executor.kind == "ray":
+        from evomerge.runtime.ray_executor import RayExecutor
+
+        return RayExecutor.start(worker_spec(experiment), experiment.executor)
     return LocalExecutor.start(worker_spec(experiment))
+
+
+def with_ray_address(experiment: Experiment, address: str | None) -> Experiment:
+    """``experiment`` run on the Ray cluster at ``address`` (``--ray-address``); unchanged for None."""
+    if address is None:
+        return experiment
+    executor = experiment.executor.model_copy(update={"kind": "ray", "address": address})
+    return experiment.model_copy(update={"executor": executor})
 
 
 __all__ = [
@@ -40,5 +52,6 @@ __all__ = [
     "build_executor",
     "build_fitness",
     "load_callable",
+    "with_ray_address",
     "worker_spec",
 ]

@@ -79,6 +79,10 @@ class Executor(ABC):
     def describe_fitness(self, split: Split) -> dict[str, Any]:
         """The workers' fitness description for ``split`` (what the fitness cache key is made of)."""
 
+    def worker_states(self) -> list[dict[str, Any]]:
+        """Per worker: name, state (busy/idle), node, device, evaluations, failures — for ``status``."""
+        return []
+
     def close(self) -> None:
         """Release the workers (idempotent)."""
 

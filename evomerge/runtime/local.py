@@ -7,6 +7,8 @@ process boundary, no copies, the merge writes into the same live model every tim
 
 from __future__ import annotations
 
+import os
+import platform
 from collections import deque
 from typing import Any
 
@@ -20,6 +22,8 @@ class LocalExecutor(Executor):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._queue: deque[Job] = deque()
+        self._done = 0
+        self._failures = 0
 
     @classmethod
     def start(cls, spec: WorkerSpec) -> LocalExecutor:
@@ -42,10 +46,18 @@ class LocalExecutor(Executor):
     def poll(self, timeout: float | None = None) -> list[Outcome]:
         if not self._queue:
             return []
-        return [self.worker.run(self._queue.popleft())]
+        outcome = self.worker.run(self._queue.popleft())
+        self._done += 1
+        self._failures += outcome.failed
+        return [outcome]
 
     def describe_fitness(self, split: Split) -> dict[str, Any]:
         return self.worker.fitness(split).describe()
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        state = "busy" if self._queue else "idle"
+        return [{"name": self.worker.name, "state": state, "node": platform.node(), "pid": os.getpid(),
+                 "device": self.worker.spec.device, "evaluations": self._done, "failures": self._failures, "restarts": 0}]
 
     def close(self) -> None:
         self._queue.clear()
