@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from evomerge import cli  # noqa: E402
-from evomerge.driver import start_run  # noqa: E402
+from evomerge.driver import Driver, resume_run, start_run  # noqa: E402
 from evomerge.errors import ConfigError  # noqa: E402
 from evomerge.status import run_status  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
@@ -43,6 +43,10 @@ def quality(model, tokenizer):
     x = float(model.model.layers[0].mlp.up_proj.weight.detach().double().sum())
     h = float(model.lm_head.weight.detach().double().sum())
     return {"quality": -((x + 2.45) ** 2) - (h - 0.45) ** 2}
+
+
+def broken(model, tokenizer):
+    raise ValueError(f"diverged in process {os.getpid()}")
 """
 
 
@@ -148,3 +152,38 @@ def test_ray_address_on_the_command_line_moves_a_local_experiment_onto_ray(ray_i
     status = run_status(tmp_path / "cli")
     assert status["executor"] == "ray" and status["evaluations"] == 4
     assert [w["name"] for w in status["workers"]] == ["ray/0", "ray/1"]  # one per CPU slot of the instance
+
+
+def test_a_candidate_that_raises_in_the_worker_is_recorded_as_failed(ray_instance, experiment, tmp_path):
+    path = experiment("raises", {"kind": "ray", "workers": 1}, budget=2, strategy={"name": "random"})
+    data = yaml.safe_load(path.read_text())
+    data["fitness"] = {"python": "fitness.py:broken"}
+    path.write_text(yaml.safe_dump(data))
+    start_run(path, run_dir=tmp_path / "raises", progress=False)
+    with RunStore.open_reader(tmp_path / "raises") as store:
+        records = store.results()
+    assert [r.ok for r in records] == [False, False]
+    pids = {r.error for r in records}
+    assert all(e.startswith("ValueError: diverged in process ") and e != f"ValueError: diverged in process {os.getpid()}" for e in pids)
+
+
+def test_a_driver_stopped_mid_run_resumes_on_ray_with_in_flight_candidates_requeued(ray_instance, experiment, tmp_path, monkeypatch):
+    start_run(experiment("whole", {"kind": "local"}, budget=10), run_dir=tmp_path / "whole", progress=False)
+    path = experiment("halves", {"kind": "ray", "workers": 1}, budget=10)
+    complete = Driver._complete
+    seen = []
+
+    def stop_after_four(self, outcome):
+        if len(seen) == 4:
+            raise KeyboardInterrupt  # the driver dies with a candidate in flight
+        seen.append(outcome.key)
+        complete(self, outcome)
+
+    monkeypatch.setattr(Driver, "_complete", stop_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        start_run(path, run_dir=tmp_path / "halves", progress=False)
+    monkeypatch.undo()
+    with RunStore.open_reader(tmp_path / "halves") as store:
+        assert (len(store.results()), store.counts()["running"]) == (4, 1)  # the 5th: scored, never recorded
+    resume_run(tmp_path / "halves", progress=False, ray_address="auto")
+    assert results(tmp_path / "halves") == results(tmp_path / "whole")
