@@ -116,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ray-bench-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         print(f"1. ray.init (local instance, 2 CPUs): {time.perf_counter() - start:.1f} s")
 
         local = timed_run(pico_experiment(folder, "instant", {"kind": "local"}, 60), folder / "i-local")

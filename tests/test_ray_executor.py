@@ -53,7 +53,7 @@ def broken(model, tokenizer):
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance for the module (start-up costs seconds); workers see the test's env."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -97,8 +97,8 @@ class RayExecutor(Executor):
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
             if config.address:
                 kwargs["address"] = config.address
-            else:
-                kwargs.update(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+            else:  # "local": a new instance even when a cluster runs on this machine
+                kwargs.update(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus)
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as err:
