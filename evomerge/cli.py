@@ -127,6 +127,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from evomerge.inspection.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
+    if args.log_to:
+        from evomerge.inspection.trackers import log_to
+
+        print(f"logged to {args.log_to}: {log_to(args.log_to, args.run_dir)}")
     return 0
 
 
@@ -231,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", parents=[debug], help="write an HTML report with figures (RUN_DIR/report)")
     report.add_argument("run_dir", help="the run directory")
     report.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    report.add_argument("--log-to", default=None, choices=["tensorboard", "wandb"], help="also replay the run into a tracker (if installed)")
     report.set_defaults(func=_cmd_report)
 
     compare = commands.add_parser("compare", parents=[debug], help="best-so-far and hypervolume curves of several runs")

@@ -337,3 +337,45 @@ def test_exported_candidate_scores_the_same_in_the_lm_eval_cli(pico_family, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     (results_file,) = (tmp_path / "lm_eval").rglob("results_*.json")
     assert json.loads(results_file.read_text())["results"]["pico_mc"]["acc,none"] == pytest.approx(recorded, abs=1e-12)
+
+
+def test_log_to_trackers_replays_the_run_or_says_what_is_missing(make_run, tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from evomerge.inspection.trackers import log_to, tracker_rows
+
+    run = make_run()
+    view = RunView.load(run)
+    rows = list(tracker_rows(view))
+    records = view.ok_results()
+    assert [step for step, _ in rows] == list(range(1, len(records) + 1))
+    last = rows[-1][1]
+    assert last["best/left"] == max(r.evaluation.objectives[0] for r in records)
+    assert last["hypervolume"] >= rows[0][1]["hypervolume"] > 0
+
+    scalars: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, name, value, step):
+            scalars.append((name, value, step))
+
+        def close(self):
+            scalars.append(("closed", 0.0, 0))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert log_to("tensorboard", run) == str(run / "tracker" / "tensorboard")
+    assert ("best/right", last["best/right"], len(rows)) in scalars and scalars[-1][0] == "closed"
+
+    logged: list[tuple[dict, int]] = []
+    fake_run = types.SimpleNamespace(log=lambda data, step: logged.append((data, step)), finish=lambda: None, url=None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: fake_run))
+    log_to("wandb", run)
+    assert logged == [(scalars_, step) for step, scalars_ in rows]
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    assert cli.main(["report", str(run), "--log-to", "wandb"]) == 2
+    assert capsys.readouterr().err == "error: --log-to wandb: the 'wandb' package is not installed (pip install wandb)\n"
