@@ -134,23 +134,45 @@ class ShardedSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next declared tensor; its name, shape and dtype must match the declaration."""
+        spec = self._expect(name)
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"tensor {name!r}: declared {list(spec.shape)} {spec.dtype}, got {list(tensor.shape)} {tensor.dtype}"
+            )
+        self._write_pieces(spec, [tensor.reshape(-1)])
+
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Write the next declared tensor from consecutive flat pieces of its dtype, as they come.
+
+        The pieces must add up to the declared number of entries; only one piece is held at a time.
+        """
+        self._write_pieces(self._expect(name), pieces)
+
+    def _expect(self, name: str) -> TensorSpec:
         if self._next >= len(self.specs):
             raise ValueError(f"tensor {name!r} was not declared: all {len(self.specs)} tensors are written")
         spec = self.specs[self._next]
         if name != spec.name:
             raise ValueError(f"expected tensor {spec.name!r} next, got {name!r}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(
-                f"tensor {name!r}: declared {list(spec.shape)} {spec.dtype}, got {list(tensor.shape)} {tensor.dtype}"
-            )
+        return spec
+
+    def _write_pieces(self, spec: TensorSpec, pieces: Iterable[torch.Tensor]) -> None:
         shard = self._shards[self._shard]
         if shard.handle is None:
             partial = shard.path.with_name(shard.path.name + PARTIAL_SUFFIX)
             shard.handle = partial.open("wb")
             shard.handle.write(shard.header)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        shard.handle.seek(len(shard.header) + shard.offsets[name])
-        shard.handle.write(memoryview(data))
+        shard.handle.seek(len(shard.header) + shard.offsets[spec.name])
+        written, total = 0, math.prod(spec.shape)
+        for piece in pieces:
+            if piece.dtype != spec.dtype or piece.dim() != 1:
+                raise ValueError(f"tensor {spec.name!r}: pieces must be flat {spec.dtype}, got {piece.dtype} {list(piece.shape)}")
+            if written + piece.numel() > total:
+                raise ValueError(f"tensor {spec.name!r}: declared {total} entries, got more")
+            shard.handle.write(memoryview(piece.detach().to("cpu").contiguous().view(torch.uint8).numpy()))
+            written += piece.numel()
+        if written != total:
+            raise ValueError(f"tensor {spec.name!r}: declared {total} entries, got {written}")
         shard.written += 1
         self._next += 1
         if shard.written == len(shard.specs):

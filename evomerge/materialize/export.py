@@ -1,14 +1,16 @@
 """Streamed export: write a recipe's merged model as a Hugging Face folder, tensor by tensor.
 
-Peak memory is one output tensor plus one tensor per source (read lazily from memory-mapped
-safetensors), independent of how many sources there are. The folder is assembled under a
-temporary name beside the destination and renamed at the end, so a crash never leaves a
-half-written model where a finished one is expected.
+Tensors are read when merged and written as soon as they are. A large tensor of a blockwise
+operator is merged and written block by block (``blocks``), so peak memory stays a few blocks
+whatever the number of sources; other tensors are merged whole (one tensor per source). The
+folder is assembled under a temporary name beside the destination and renamed at the end, so a
+crash never leaves a half-written model where a finished one is expected.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evomerge.errors import ConfigError
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
+from evomerge.materialize.blocks import blockwise, merge_blocks
 from evomerge.materialize.tensors import BufferPool, is_mergeable, merge_tensor, output_dtype
 from evomerge.pool import ModelPool
 from evomerge.recipe import Recipe, RecipePlanner
@@ -82,6 +85,19 @@ def _write_tensors(
                 info = layer_map.info(name)
                 plan = planner.plan(name, info.layer, info.kind.value)
                 shape = pool.shape(reference, name)
+                if blockwise(plan, math.prod(shape), buffers.device):
+                    blocks = merge_blocks(
+                        plan,
+                        pool,
+                        base=recipe.base,
+                        sources=sources,
+                        num_layers=layer_map.num_layers,
+                        seed=recipe.seed,
+                        buffers=buffers,
+                    )
+                    writer.write_pieces(name, (_cast(merged, dtype) for merged in blocks))
+                    bar.advance(task)
+                    continue
                 base = _input(pool, recipe.base, name, device, buffers, "base", shape) if recipe.base else None
                 tensors = [
                     _input(pool, model, name, device, buffers, f"source{i}", shape) for i, model in enumerate(sources)
@@ -95,8 +111,13 @@ def _write_tensors(
                     seed=recipe.seed,
                     out=buffers.get("out", shape),
                 )
-                writer.write(name, merged if merged.dtype == dtype and merged.device.type == "cpu" else merged.to(dtype).cpu())
+                writer.write(name, _cast(merged, dtype))
             bar.advance(task)
+
+
+def _cast(merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The one cast on write: to the output dtype, on the CPU."""
+    return merged if merged.dtype == dtype and merged.device.type == "cpu" else merged.to(dtype).cpu()
 
 
 def _input(

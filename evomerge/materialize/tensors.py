@@ -6,6 +6,7 @@ a recipe gives bit-identical tensors either way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +26,13 @@ def merge_tensor(
     seed: int,
     cache: dict | None = None,
     out: torch.Tensor | None = None,
+    offset: int = 0,
+    stats: dict | None = None,
 ) -> torch.Tensor:
-    """Run the planned operator on float32 inputs; a non-finite result is a one-line error."""
+    """Run the planned operator on float32 inputs; a non-finite result is a one-line error.
+
+    ``offset``/``stats``: the inputs are one block of the tensor (see ``evomerge.materialize.blocks``).
+    """
     inputs = TensorInputs(
         name=plan.name,
         base=base,
@@ -37,6 +43,8 @@ def merge_tensor(
         kind=plan.kind,
         seed=seed,
         cache=cache,
+        offset=offset,
+        stats=stats,
     )
     result = plan.operator.fn(inputs, plan.params, out)
     low, high = torch.aminmax(result)  # NaN propagates; no tensor-sized temporary
@@ -66,16 +74,23 @@ def output_dtype(recipe_dtype: str | None, stored: torch.dtype) -> torch.dtype:
 
 
 class BufferPool:
-    """Reusable float32 buffers keyed by (role, shape): the export loop reads and merges tensor after
-    tensor, and writing into warm buffers avoids the first-touch cost of fresh allocations."""
+    """One reusable float32 buffer per role (base, source i, out), viewed in each tensor's shape.
+
+    The export reads and merges tensor after tensor: writing into warm buffers avoids the
+    first-touch cost of fresh allocations, and one buffer per role, grown to the largest tensor
+    seen, bounds the memory by that tensor rather than by the number of distinct shapes.
+    """
 
     def __init__(self, device: str | torch.device):
         self.device = torch.device(device)
-        self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def get(self, role: str, shape: Sequence[int]) -> torch.Tensor:
-        """The buffer for ``role`` and ``shape``, allocated on first use."""
-        key = (role, tuple(shape))
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(key[1], dtype=torch.float32, device=self.device)
-        return self._buffers[key]
+        """A buffer of ``shape`` for ``role`` (contents undefined; valid until the role's next ``get``)."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(role, None)
+            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+            self._buffers[role] = buffer
+        return buffer[:numel].view(tuple(shape))

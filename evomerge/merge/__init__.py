@@ -13,6 +13,7 @@ from evomerge.merge.registry import (
     ParamDef,
     Params,
     TensorInputs,
+    TensorStream,
     get_operator,
     register_operator,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ParamDef",
     "Params",
     "TensorInputs",
+    "TensorStream",
     "get_operator",
     "register_operator",
 ]

@@ -59,6 +59,7 @@ def dot_products(tensors: list[torch.Tensor]) -> torch.Tensor:
     "linear",
     shared={"normalize": ParamDef(True, kind=bool, doc="divide by the sum of the weights")},
     per_source={"weight": ParamDef(1.0, doc="weight of each model")},
+    blockwise=True,
 )
 def linear(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Linear / model soup: Σ wᵢθᵢ (÷ Σ wᵢ when normalize)."""

@@ -43,6 +43,7 @@ def source_tensor(inputs: TensorInputs, name: str, field: str) -> torch.Tensor:
         "scale": ParamDef(1.0, doc="multiplier applied to the tensor"),
     },
     min_sources=0,
+    blockwise=True,
 )
 def passthrough(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Take the tensor from one model, times ``scale``."""
@@ -75,6 +76,7 @@ def outer_fraction(layer: int, num_layers: int, bottom: int, top: int, width: in
         "width": ParamDef(0, kind=int, low=0, doc="blocks blending linearly next to each outer zone"),
         "rest": ParamDef(None, kind=str, doc="model giving tensors outside the blocks (default: outer)"),
     },
+    blockwise=True,
 )
 def layer_swap(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Layer swapping: outer model's bottom/top blocks around the inner model's middle."""

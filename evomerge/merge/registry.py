@@ -13,15 +13,22 @@ A new operator is one function and one decorator::
 
 ``out``, when given, is a preallocated float32 buffer of the tensor's shape; the operator writes its
 result there and returns it (in-place materialization reuses buffers instead of allocating).
+
+A *blockwise* operator can also merge a tensor block by block, so an export holds a few blocks
+instead of every source's whole tensor: it is called on consecutive flat blocks (``offset`` = the
+block's first entry, a multiple of the chunk size) and must give exactly the entries of the
+whole-tensor call. Statistics of the whole tensor that it needs (a magnitude threshold, a random
+stream) come from its ``prepare`` hook, which reads the tensor in streamed passes (a
+``TensorStream``) and returns them as ``TensorInputs.stats``.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -104,6 +111,8 @@ class TensorInputs:
     ``sources`` are the models being merged, in recipe order, *not* including the base. ``cache`` is
     an optional dict owned by the caller and kept for the same tensor across calls (a search
     worker keeps one per tensor so task vectors and their order statistics are computed once).
+    In a blockwise call, the tensors are one flat block starting at entry ``offset`` of the tensor
+    and ``stats`` holds what the operator's ``prepare`` hook computed from the whole tensor.
     """
 
     name: str
@@ -115,6 +124,8 @@ class TensorInputs:
     kind: str = "other"
     seed: int = 0
     cache: dict[str, Any] | None = None
+    offset: int = 0
+    stats: dict[str, Any] | None = None
 
     @property
     def layer_fraction(self) -> float:
@@ -137,15 +148,30 @@ class TensorInputs:
             raise ConfigError(f"tensor {self.name}: this merge method needs a base model")
         return self.cached(f"tv{i}", lambda: self.sources[i] - self.base)
 
-    def generator(self, i: int) -> torch.Generator:
+    def generator(self, i: int, device: torch.device | None = None) -> torch.Generator:
         """A fresh generator for source ``i`` seeded by (seed, source name, tensor name)."""
-        device = self.sources[i].device
-        gen = torch.Generator(device=device)
+        gen = torch.Generator(device=device if device is not None else self.sources[i].device)
         gen.manual_seed(seed_for(self.seed, self.source_names[i], self.name))
         return gen
 
 
+class TensorStream(Protocol):
+    """One tensor of every model, read block by block (the whole tensor never in memory at once).
+
+    Blocks are flat, consecutive, in order, and start at multiples of the chunk size; each call
+    starts a new pass.
+    """
+
+    numel: int
+    device: torch.device
+
+    def task_vector_blocks(self, i: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, τᵢ block) for source ``i``, the block valid until the next one is drawn."""
+        ...
+
+
 OperatorFn = Callable[[TensorInputs, Params, "torch.Tensor | None"], torch.Tensor]
+PrepareFn = Callable[[TensorInputs, Params, TensorStream], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -161,6 +187,8 @@ class OperatorSpec:
     max_sources: int | None
     stochastic: bool
     doc: str
+    blockwise: bool = False
+    prepare: PrepareFn | None = None
 
     def resolve(self, shared: Mapping[str, Any], per_source: Sequence[Mapping[str, Any]], where: str) -> Params:
         """Validate raw values against the declared parameters and fill in defaults."""
@@ -215,8 +243,16 @@ def register_operator(
     min_sources: int = 1,
     max_sources: int | None = None,
     stochastic: bool = False,
+    blockwise: bool = False,
+    prepare: PrepareFn | None = None,
 ) -> Callable[[OperatorFn], OperatorFn]:
-    """Register ``fn`` as the merge operator ``name`` (the decorator form of the registry)."""
+    """Register ``fn`` as the merge operator ``name`` (the decorator form of the registry).
+
+    ``blockwise``: ``fn`` may be called block by block (see the module docstring); ``prepare``
+    then computes the whole-tensor statistics those calls need.
+    """
+    if prepare is not None and not blockwise:
+        raise ValueError(f"merge operator '{name}': a prepare hook only serves blockwise operators")
 
     def wrap(fn: OperatorFn) -> OperatorFn:
         if name in OPERATORS:
@@ -231,6 +267,8 @@ def register_operator(
             max_sources=max_sources,
             stochastic=stochastic,
             doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+            blockwise=blockwise,
+            prepare=prepare,
         )
         return fn
 

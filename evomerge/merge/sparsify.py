@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,74 @@ def window_from_values(mag: torch.Tensor, lo: int, hi: int) -> RankWindow:
         below = int((mag < high).sum())
         parts.append(torch.nonzero(mag == high).squeeze(1)[hi - below :])
     return RankWindow(n, lo, hi, low, high, _join(parts))
+
+
+BlockPass = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+_HIGH_BINS = 1 << 15  # |x| is non-negative: its float32 bit pattern is below 2³¹, and ordered like |x|
+_LOW_BINS = 1 << 16
+
+
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    return torch.abs(x).view(torch.int32)
+
+
+def _bin_of_rank(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin holding the entry of ascending ``rank``, entries in the bins before it)."""
+    cumulative = counts.cumsum(0)
+    index = int(torch.searchsorted(cumulative, torch.tensor([rank], device=counts.device), right=True))
+    return index, int(cumulative[index - 1]) if index else 0
+
+
+def window_from_blocks(blocks: BlockPass, n: int, lo: int, hi: int) -> RankWindow:
+    """The window of ``window_from_values`` from three streamed passes over blocks of x (not |x|).
+
+    An exact radix selection on the bit patterns of |x|: a histogram of their high 16 bits finds the
+    bin of ranks lo and hi−1, a histogram of the low 16 bits inside those bins the values; a last
+    pass collects the dropped boundary ties in flat order. Only one block is in memory at a time.
+    """
+    if _trivial(n, lo, hi):
+        return RankWindow(n, lo, hi)
+    high_counts: torch.Tensor | None = None
+    for _, x in blocks():
+        counts = torch.bincount(_magnitude_bits(x) >> 16, minlength=_HIGH_BINS)
+        high_counts = counts if high_counts is None else high_counts.add_(counts)
+    assert high_counts is not None
+    targets = {rank: _bin_of_rank(high_counts, rank) for rank in (lo, hi - 1)}
+    low_counts = {high: torch.zeros(_LOW_BINS, dtype=torch.int64, device=high_counts.device) for high, _ in targets.values()}
+    for _, x in blocks():
+        bits = _magnitude_bits(x)
+        high_bits = bits >> 16
+        for high, counts in low_counts.items():
+            counts.add_(torch.bincount(bits[high_bits == high] & 0xFFFF, minlength=_LOW_BINS))
+    values: dict[int, tuple[int, int]] = {}
+    for rank, (high, before) in targets.items():
+        low, within = _bin_of_rank(low_counts[high], rank - before)
+        values[rank] = ((high << 16) | low, before + within)
+    (low_bits, below_low), (high_bits_value, below_high) = values[lo], values[hi - 1]
+    low_value, high_value = _bits_to_float(low_bits), _bits_to_float(high_bits_value)
+    # drop: the first lo − below_low entries equal to the low value, and every entry equal to the
+    # high value after the first hi − below_high (zeros contribute nothing either way)
+    low_left = lo - below_low if low_value != 0 else 0
+    high_skip = hi - below_high
+    parts: list[torch.Tensor] = []
+    for offset, x in blocks():
+        if low_left <= 0 and high_value == 0:
+            break
+        bits = _magnitude_bits(x)
+        if low_left > 0:
+            found = torch.nonzero(bits == low_bits).squeeze(1)[:low_left]
+            low_left -= found.numel()
+            parts.append(found + offset)
+        if high_value != 0:
+            found = torch.nonzero(bits == high_bits_value).squeeze(1)
+            skipped = min(high_skip, found.numel())
+            high_skip -= skipped
+            parts.append(found[skipped:] + offset)
+    return RankWindow(n, lo, hi, low_value, high_value, _join(parts))
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 def sort_magnitudes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,17 +357,26 @@ class KeepDella(Sparsifier):
 
 def l1_rescale(x: torch.Tensor, window: RankWindow) -> float:
     """mergekit's L1 rescale for a kept window of the flat tensor ``x``: ‖x‖₁ / ‖kept‖₁."""
+    return l1_rescale_from_blocks(lambda: iter([(0, x)]), x.numel(), x.device, window)
+
+
+def l1_rescale_from_blocks(blocks: BlockPass, n: int, device: torch.device, window: RankWindow) -> float:
+    """``l1_rescale`` from one streamed pass over blocks of x (partial sums per global chunk)."""
     keep = KeepWindow(window)
-    chunks = len(range(0, x.numel(), chunk_size(x.device)))
-    before = torch.zeros(chunks, dtype=torch.float64, device=x.device)
-    after = torch.zeros(chunks, dtype=torch.float64, device=x.device)
+    size = chunk_size(device)
+    chunks = -(-n // size)
+    before = torch.zeros(chunks, dtype=torch.float64, device=device)
+    after = torch.zeros(chunks, dtype=torch.float64, device=device)
+    for offset, x in blocks():
+        first = offset // size
 
-    def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-        chunk = x[start:stop]
-        before[index] = chunk.abs().sum(dtype=torch.float64)
-        after[index] = keep.kept(index, start, chunk, scratch).abs().sum(dtype=torch.float64)
+        def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
+            chunk = x[start:stop]
+            before[first + index] = chunk.abs().sum(dtype=torch.float64)
+            kept = keep.kept(first + index, offset + start, chunk, scratch)
+            after[first + index] = kept.abs().sum(dtype=torch.float64)
 
-    for_chunks(x.numel(), x.device, body)
+        for_chunks(x.numel(), device, body)
     total_before, total_after = float(before.sum()), float(after.sum())
     if total_before < _L1_EPS or total_after < _L1_EPS:
         return 1.0

@@ -13,10 +13,16 @@ All passes run on one cache-sized chunk at a time (see ``chunking``). With a cac
 vectors, sorted magnitudes and DELLA ranks are computed once per tensor and reused by every later
 candidate; so are DARE/DELLA random keys for the recipe's seed. The cached and uncached paths
 compute identical kept sets and give identical results.
+
+Every setting but DELLA (whose keep probabilities need every entry's rank) also merges block by
+block: ``prepare_task_vectors`` finds each magnitude window and L1 rescale in streamed passes and
+starts one random stream per DARE source that the blocks then continue, so the blocks together
+give exactly the whole-tensor result.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +30,7 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for, split
 from evomerge.merge.consensus import consensus_merge
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, register_operator
+from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, register_operator
 from evomerge.merge.sparsify import (
     KeepAll,
     KeepBernoulli,
@@ -36,9 +42,11 @@ from evomerge.merge.sparsify import (
     check_della,
     della_ranks,
     l1_rescale,
+    l1_rescale_from_blocks,
     magnitude_ranks,
     random_keys,
     sort_magnitudes,
+    window_from_blocks,
     window_from_sorted,
     window_from_values,
 )
@@ -79,12 +87,13 @@ def merge_task_vectors(
         return finish(result, out)
     tau_chunks = [split(tau) for tau in taus]
     base_chunks, dest_chunks = split(base), split(dest)
+    offset = inputs.offset
     if method.consensus:
         coefs = [weights[i] * s.scale for i, s in zip(active, sparsifiers)]
         active_weights = [weights[i] for i in active]
 
         def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-            kept = [s.apply(index, start, tau[index], scratch) for s, tau in zip(sparsifiers, tau_chunks)]
+            kept = [s.apply(index, offset + start, tau[index], scratch) for s, tau in zip(sparsifiers, tau_chunks)]
             values = [v for v, _ in kept]
             masks = [m for _, m in kept]
             consensus_merge(
@@ -100,7 +109,7 @@ def merge_task_vectors(
         def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
             o = dest_chunks[index]
             for k, (s, tau) in enumerate(zip(sparsifiers, tau_chunks)):
-                values, mask = s.apply(index, start, tau[index], scratch)
+                values, mask = s.apply(index, offset + start, tau[index], scratch)
                 b = base_chunks[index] if k == 0 else o
                 if mask is None:
                     torch.add(b, values, alpha=coefs[k], out=o)
@@ -112,7 +121,12 @@ def merge_task_vectors(
 
 
 def _random_keys(inputs: TensorInputs, i: int, n: int) -> torch.Tensor:
-    """Random keys of source ``i``; with a cache, drawn once per seed and kept for later candidates."""
+    """Random keys of source ``i``; with a cache, drawn once per seed and kept for later candidates.
+
+    A block continues the stream its ``prepare`` started, where the previous block stopped.
+    """
+    if inputs.stats is not None:
+        return random_keys(inputs.stats[f"generator{i}"], n, inputs.sources[i].device)
     key = f"random_keys{i}"
     if inputs.cache is not None and inputs.cache.get(key, (None,))[0] == inputs.seed:
         return inputs.cache[key][1]
@@ -142,10 +156,10 @@ def _sparsifier(
             return KeepWindow(RankWindow(n, 0, 0))
         ranks = inputs.cached(f"della_ranks{i}", lambda: della_ranks(tau.abs()))
         return KeepDella(_random_keys(inputs, i, n), density, float(values["epsilon"]), ranks, rescale)
-    if method.sparsify == "magnitude":
-        lo, hi = magnitude_ranks(n, density)
-    else:
-        lo, hi = breadcrumbs_ranks(n, density, float(values["gamma"]))
+    if inputs.stats is not None:
+        window, scale = inputs.stats[f"window{i}"]
+        return KeepWindow(window, scale)
+    lo, hi = _window_ranks(method, values, n, density)
     if inputs.cache is not None:
         sorted_abs, order = inputs.cached(f"sorted_abs{i}", lambda: sort_magnitudes(tau))
         window = window_from_sorted(sorted_abs, order, lo, hi)
@@ -153,6 +167,35 @@ def _sparsifier(
         window = window_from_values(tau.abs(), lo, hi)
     scale = l1_rescale(tau, window) if rescale and not window.keeps_all else 1.0
     return KeepWindow(window, scale)
+
+
+def _window_ranks(method: TaskVectorMethod, values: dict, n: int, density: float) -> tuple[int, int]:
+    if method.sparsify == "magnitude":
+        return magnitude_ranks(n, density)
+    return breadcrumbs_ranks(n, density, float(values["gamma"]))
+
+
+def prepare_task_vectors(
+    inputs: TensorInputs, params: Params, stream: TensorStream, method: TaskVectorMethod
+) -> dict[str, object]:
+    """Whole-tensor statistics for blockwise merging: magnitude windows and rescales, random streams."""
+    stats: dict[str, object] = {}
+    if method.sparsify == "none":
+        return stats
+    rescale = bool(params.shared["rescale"])
+    n = stream.numel
+    for i, values in enumerate(params.per_source):
+        density = float(values["density"])
+        if float(values["weight"]) == 0 or density >= 1:
+            continue
+        if method.sparsify == "bernoulli":
+            stats[f"generator{i}"] = inputs.generator(i, stream.device)
+            continue
+        blocks = functools.partial(stream.task_vector_blocks, i)
+        window = window_from_blocks(blocks, n, *_window_ranks(method, values, n, density))
+        scale = l1_rescale_from_blocks(blocks, n, stream.device, window) if rescale and not window.keeps_all else 1.0
+        stats[f"window{i}"] = (window, scale)
+    return stats
 
 
 _WEIGHT = ParamDef(1.0, doc="per-model weight wᵢ of its task vector")
@@ -179,10 +222,22 @@ def _register(name: str, method: TaskVectorMethod, doc: str) -> None:
     def operator(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
         return merge_task_vectors(inputs, params, out, method)
 
+    def prepare(inputs: TensorInputs, params: Params, stream: TensorStream) -> dict[str, object]:
+        return prepare_task_vectors(inputs, params, stream, method)
+
     operator.__doc__ = doc
     operator.__name__ = name
     stochastic = method.sparsify in ("bernoulli", "della")
-    register_operator(name, shared=shared, per_source=per_source, needs_base=True, stochastic=stochastic)(operator)
+    blockwise = method.sparsify != "della"
+    register_operator(
+        name,
+        shared=shared,
+        per_source=per_source,
+        needs_base=True,
+        stochastic=stochastic,
+        blockwise=blockwise,
+        prepare=prepare if blockwise else None,
+    )(operator)
 
 
 for _name, _method, _doc in (

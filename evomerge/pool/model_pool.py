@@ -77,6 +77,10 @@ class SourceModel:
         """Read ``name`` (see ``stored_name``) onto ``device`` as ``dtype`` (or into ``out``), caller-owned."""
         return self.index.get(self.stored_name(name), device=device, dtype=dtype, out=out)
 
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Read flat entries of ``name`` (see ``stored_name``) from ``start`` into the flat buffer ``out``."""
+        return self.index.get_range(self.stored_name(name), start, out)
+
 
 def _check_compatible(ref: SourceModel, other: SourceModel) -> None:
     """Raise a one-line ``ModelError`` naming both models if ``other`` cannot merge with ``ref``."""
@@ -208,6 +212,11 @@ class ModelPool:
         """
         self._check_name(name)
         return self.model(model).read(name, device, dtype, out)
+
+    def tensor_range(self, model: str, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Read flat entries of tensor ``name`` of ``model`` from ``start`` into the flat buffer ``out``."""
+        self._check_name(name)
+        return self.model(model).read_range(name, start, out)
 
     def close(self) -> None:
         """Release every open file mapping."""
