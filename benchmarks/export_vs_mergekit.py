@@ -45,9 +45,9 @@ def family(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, Path]:
     return {name: root / name for name in ("base", "expert_1", "expert_2", "expert_3")}
 
 
-def configs(models: dict[str, Path]) -> dict[str, dict]:
+def configs(models: dict[str, Path], sources: int = 3) -> dict[str, dict]:
     experts = [{"model": str(models[k]), "parameters": {"weight": w, "density": d}}
-               for k, w, d in (("expert_1", 0.5, 0.5), ("expert_2", 0.3, 0.6), ("expert_3", 0.2, 0.7))]
+               for k, w, d in (("expert_1", 0.5, 0.5), ("expert_2", 0.3, 0.6), ("expert_3", 0.2, 0.7))][:sources]
     linear = [{"model": e["model"], "parameters": {"weight": e["parameters"]["weight"]}} for e in experts]
     return {
         "linear": {"merge_method": "linear", "models": linear, "dtype": "float32"},
@@ -75,11 +75,17 @@ def main() -> None:
     _, floor = run([str(BIN / "evomerge"), "merge", str(tiny), "--out", str(work / "out-pico"), "--overwrite", "--quiet"])
     print(f"process floor (evomerge merging a pico model): {floor:.0f} MB peak RSS")
 
+    one_source = configs(models, sources=1)
     for method, config in configs(models).items():
         path = work / f"{method}.yaml"
         path.write_text(yaml.safe_dump(config))
         ours, peak = run([str(BIN / "evomerge"), "merge", str(path), "--out", str(work / f"out-{method}"), "--overwrite", "--quiet"])
-        line = f"{method:7s} evomerge {ours:6.1f} s  adds {peak - floor:5.0f} MB over the floor"
+        single = work / f"{method}-1.yaml"
+        single.write_text(yaml.safe_dump(one_source[method]))
+        _, single_peak = run([str(BIN / "evomerge"), "merge", str(single), "--out", str(work / f"out-{method}-1"), "--overwrite", "--quiet"])
+        shutil.rmtree(work / f"out-{method}-1", ignore_errors=True)
+        line = (f"{method:7s} evomerge {ours:6.1f} s  adds {peak - floor:5.0f} MB over the floor "
+                f"(1 source: {single_peak - floor:4.0f} MB; target <= 300)")
         if not args.skip_mergekit:
             theirs, their_peak = run([str(BIN / "mergekit-yaml"), str(path), str(work / f"mk-{method}")])
             line += f" | mergekit-yaml {theirs:6.1f} s ({their_peak:.0f} MB peak)  speed-up {theirs / ours:4.1f}x (target >= 2x)"

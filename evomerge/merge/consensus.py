@@ -80,10 +80,11 @@ def consensus_merge(
         accumulate(spread, first, v, sign, abs(c))
         accumulate(nonzero, first, sign, sign, w)
         accumulate(signed, first, sign, None, w if c > 0 else -w)
+    if not normalize:
+        agreeing = torch.copysign(spread, total, out=spread).add_(total)  # T + e·A: twice the agreeing sum
+        return torch.add(base, agreeing, alpha=factor / 2, out=out)
     elected = torch.copysign(scratch.filled(1.0, out), total, out=sign)
     agreeing = torch.addcmul(total, elected, spread, out=spread)  # twice the agreeing sum
-    if not normalize:
-        return torch.add(base, agreeing, alpha=factor / 2, out=out)
     divisor = torch.addcmul(nonzero, elected, signed, out=nonzero)  # twice the agreeing weights
     if all(w >= _TINY for w in weights):
         # Σ agreeing weights is 0 only where nothing agrees and the sum is 0 anyway.
