@@ -168,9 +168,8 @@ class TestTies:
 
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("seed", range(5))
-def test_fused_consensus_matches_elect_and_agree(normalize, seed):
-    from evomerge.merge.chunking import Scratch
-    from evomerge.merge.consensus import agreement, consensus_merge, elect_sign
+def test_consensus_combine_matches_elect_and_agree(normalize, seed):
+    from evomerge.merge.consensus import agreement, combine, elect_sign
 
     g = torch.Generator()
     g.manual_seed(seed)
@@ -189,11 +188,13 @@ def test_fused_consensus_matches_elect_and_agree(normalize, seed):
         divisor = sum(w * a for w, a in zip(weights, agree))
         mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
     expected = base + 0.75 * mixed
-    got = consensus_merge(values, masks, coefs, weights, normalize, base, 0.75, torch.empty(n), Scratch())
-    if normalize:  # the quotient rounds differently inside addcdiv
+    scalars = torch.tensor(coefs + weights + [0.75])
+    got = combine(base, values, masks, scalars, True, normalize, out=torch.empty(n))
+    if normalize:  # the quotient rounds differently from the reference's
         assert torch.allclose(got, expected, atol=1e-6, rtol=0)
     else:
         assert torch.equal(got, expected)
+    assert torch.equal(got, combine(base, values, masks, scalars, True, normalize))
 
 
 class TestDare:

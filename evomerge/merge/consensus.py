@@ -1,8 +1,13 @@
-"""TIES sign consensus: elect a sign per entry and keep only the deltas that agree with it.
+"""Summing kept task-vector entries, with or without TIES sign consensus, in one fixed arithmetic.
 
 mergekit's convention: the election runs on the *weighted* (sparsified) deltas, the elected sign is
 the sign of their sum with 0 counting as +, and a delta agrees when its own sign equals the elected
 one (so a zero delta never agrees and never counts in a normalising divisor).
+
+``combine`` is written with elementwise operations that each round once (no ``addcmul``/``alpha``,
+whose fused multiply-add depends on how the kernel was compiled), and every product by a 0/1 mask
+is exact. So its result is the same bit for bit whether it runs eagerly chunk by chunk, on a
+gathered subset, or compiled into one fused kernel (``fused``), on CPU or GPU.
 """
 
 from __future__ import annotations
@@ -10,10 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from evomerge.merge.chunking import Scratch
-
-_TINY = torch.finfo(torch.float32).tiny
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -27,69 +28,52 @@ def agreement(weighted_delta: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return weighted_delta * sign > 0
 
 
-def consensus_merge(
+def combine(
+    base: torch.Tensor,
     values: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
-    coefs: Sequence[float],
-    weights: Sequence[float],
+    scalars: torch.Tensor,
+    consensus: bool,
     normalize: bool,
-    base: torch.Tensor,
-    factor: float,
-    out: torch.Tensor,
-    scratch: Scratch,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out`` = base + factor · (Σ agreeing cᵢdᵢ, ÷ Σ agreeing wᵢ with ``normalize``, 0 → 1).
+    """θ₀ plus the kept deltas dᵢ = (valuesᵢ·cᵢ)·maskᵢ, summed plainly or by sign consensus.
 
-    Fused sign election for one cache-sized chunk, with float operations only (on CPU several
-    times faster than boolean masks). Each source gives its kept delta dᵢ as ``values·mask`` (mask
-    optional, see ``Sparsifier``), a coefficient cᵢ (weight × rescale, nonzero) and its weight wᵢ.
-    With T = Σ cᵢdᵢ, e = copysign(1, T) the elected sign and sᵢ = sign(cᵢdᵢ), a delta agrees iff
-    sᵢ = e, i.e. [agreeᵢ] = (sᵢ² + e·sᵢ)/2. Hence
+    ``scalars`` is float32: ``[c₀ … cₖ₋₁, w₀ … wₖ₋₁, factor]`` with cᵢ the coefficient of source i
+    and wᵢ its weight in a normalising divisor; ``masks`` are 0/1 (None: keep all).
 
-        Σ agreeing cᵢdᵢ = (T + e·A)/2         with A = Σ |cᵢdᵢ| = Σ cᵢdᵢ·sᵢ
-        Σ agreeing wᵢ   = (Σ wᵢsᵢ² + e·Σ wᵢsᵢ)/2
-
-    — the explicit sums up to rounding in the last bit. T = −0.0 only arises when every delta is
-    zero, where either sign gives the same result.
+    - plain: ``((θ₀ + d₀) + d₁) + …`` (cᵢ already hold λ, rescales and any divisor);
+    - consensus: with T = Σ dᵢ, A = Σ |dᵢ| and e = copysign(1, T), the agreeing sum is (T + e·A)/2
+      — the explicit sum up to rounding in the last bit — and θ₀ + factor·that, divided by the
+      agreeing weights Σ wᵢ[sign dᵢ = e] (0 → 1, mergekit's rule) with ``normalize``.
     """
-    total = scratch.get("consensus.total", out)
-    spread = scratch.get("consensus.spread", out)
-    sign = scratch.get("consensus.sign", out)
-    zeros = scratch.filled(0.0, out)
-
-    def accumulate(into: torch.Tensor, first: bool, a: torch.Tensor, b: torch.Tensor | None, c: float) -> None:
-        # into (+)= c·a·b in one operation
-        start = zeros if first else into
-        if b is None:
-            torch.add(start, a, alpha=c, out=into)
-        else:
-            torch.addcmul(start, a, b, value=c, out=into)
-
-    if normalize:
-        nonzero = scratch.get("consensus.nonzero", out)
-        signed = scratch.get("consensus.signed", out)
-    for k, (v, m, c, w) in enumerate(zip(values, masks, coefs, weights)):
-        first = k == 0
-        accumulate(total, first, v, m, c)
-        if not normalize:
-            accumulate(spread, first, torch.abs(v, out=sign), m, abs(c))
-            continue
-        torch.sign(v, out=sign)
-        if m is not None:
-            sign.mul_(m)
-        accumulate(spread, first, v, sign, abs(c))
-        accumulate(nonzero, first, sign, sign, w)
-        accumulate(signed, first, sign, None, w if c > 0 else -w)
+    k = len(values)
+    kept = []
+    for i, (v, m) in enumerate(zip(values, masks)):
+        d = v * scalars[i]
+        kept.append(d if m is None else d * m)
+    if not consensus:
+        total = base
+        for d in kept[:-1]:
+            total = total + d
+        return torch.add(total, kept[-1], out=out) if out is not None else total + kept[-1]
+    total, spread = kept[0], kept[0].abs()
+    for d in kept[1:]:
+        total = total + d
+        spread = spread + d.abs()
+    agreeing = torch.copysign(spread, total) + total  # twice the agreeing sum
+    factor = scalars[2 * k]
     if not normalize:
-        agreeing = torch.copysign(spread, total, out=spread).add_(total)  # T + e·A: twice the agreeing sum
-        return torch.add(base, agreeing, alpha=factor / 2, out=out)
-    elected = torch.copysign(scratch.filled(1.0, out), total, out=sign)
-    agreeing = torch.addcmul(total, elected, spread, out=spread)  # twice the agreeing sum
-    divisor = torch.addcmul(nonzero, elected, signed, out=nonzero)  # twice the agreeing weights
-    if all(w >= _TINY for w in weights):
-        # Σ agreeing weights is 0 only where nothing agrees and the sum is 0 anyway.
-        divisor.clamp_min_(_TINY)
+        delta = agreeing * (factor * 0.5)
     else:
-        # a zero divisor becomes 2 (i.e. Σ agreeing weights 0 → 1, mergekit's rule)
-        divisor.add_(torch.abs(divisor, out=total).sign_().sub_(1.0).mul_(-2.0))
-    return torch.addcdiv(base, agreeing, divisor, value=factor, out=out)
+        positive = negative = None
+        for i, d in enumerate(kept):
+            w = scalars[k + i]
+            p, n = (d > 0).to(torch.float32) * w, (d < 0).to(torch.float32) * w
+            positive = p if positive is None else positive + p
+            negative = n if negative is None else negative + n
+        # T < 0 rather than signbit(T): T = −0 only when every dᵢ is ±0, where both sums are 0
+        divisor = torch.where(total < 0, negative, positive)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+        delta = ((agreeing * 0.5) / divisor) * factor
+    return torch.add(base, delta, out=out) if out is not None else base + delta

@@ -30,8 +30,7 @@ Randomness: one ``torch.rand`` float32 uniform u per entry, in flat order, from 
 ``key > −⌈p·2²⁴⌉`` is the exact test, written as a float 0/1 mask by one comparison with a float
 ``out`` (on CPU several times faster than producing a bool tensor, and one pass instead of the
 two of an add and a clamp). The keys of a tensor are drawn whole before merging
-and can be cached across candidates with the same seed.
-Likewise the magnitude window uses ``hardshrink`` rather than boolean masks.
+and can be cached across candidates with the same seed. The magnitude window is a float mask too.
 """
 
 from __future__ import annotations
@@ -218,13 +217,40 @@ def sort_magnitudes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, order.to(torch.int32)
 
 
+@dataclass(frozen=True)
+class MaskRule:
+    """A sparsifier's mask as a fused kernel recomputes it entry by entry.
+
+    ``bernoulli``: keys > low. ``window``: low < |x| <= high, except ``drop`` (sorted flat indices
+    of the whole tensor) — exceptions a kernel leaves to a second, gathered pass.
+    """
+
+    kind: str
+    low: float
+    high: float = math.inf
+    keys: torch.Tensor | None = None
+    drop: torch.Tensor | None = None
+
+
+KEEP_EVERYTHING = MaskRule("window", -1.0)
+
+
+def rule_mask(rule_kind: str, x: torch.Tensor, keys: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The 0/1 float mask of a ``MaskRule`` from its bounds (shared by fused kernels and their fix-ups)."""
+    if rule_kind == "bernoulli":
+        return (keys > low).to(torch.float32)
+    magnitude = x.abs()
+    return (magnitude > low).to(torch.float32) * (magnitude <= high).to(torch.float32)
+
+
 class Sparsifier(ABC):
     """Sparsifies one flat tensor chunk by chunk (in any chunk order).
 
-    ``apply`` returns ``(values, mask)``: the kept entries are ``values·mask`` (``mask`` None: just
-    ``values``), left as a pair so callers fuse the product into their own ``addcmul``. Both are the
-    chunk itself or buffers of the caller's ``Scratch``, valid until the next call with it.
-    ``scale`` is a scalar rescale that callers fold into their coefficient.
+    ``apply`` returns ``(values, mask)``: the kept entries are ``values·mask`` with a 0/1 float
+    ``mask`` (None: keep all), left as a pair so ``consensus.combine`` multiplies them exactly.
+    Both are the chunk itself or buffers of the caller's ``Scratch``, valid until the next call
+    with it. ``scale`` is a scalar rescale that callers fold into their coefficient. ``rule`` says
+    how a fused kernel computes the same mask (None: it cannot).
     """
 
     scale: float = 1.0
@@ -234,6 +260,9 @@ class Sparsifier(ABC):
         self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values, mask) of ``x``, chunk ``index`` of the flat tensor, starting at entry ``start``."""
+
+    def rule(self) -> MaskRule | None:
+        return None
 
     def kept(self, index: int, start: int, x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         """The kept entries of the chunk as one tensor (before ``scale``)."""
@@ -249,41 +278,48 @@ class KeepAll(Sparsifier):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return x, None
 
+    def rule(self) -> MaskRule:
+        return KEEP_EVERYTHING
+
 
 class KeepWindow(Sparsifier):
-    """Keep a ``RankWindow`` of magnitudes (magnitude trimming, breadcrumbs)."""
+    """Keep a ``RankWindow`` of magnitudes (magnitude trimming, breadcrumbs): low < |x| <= high."""
 
     def __init__(self, window: RankWindow, scale: float = 1.0):
         self.window = window
         self.scale = scale
-        # hardshrink keeps |x| > λ; λ just below low_value keeps |x| >= low_value.
-        self._low = (
-            float(torch.nextafter(torch.tensor(window.low_value), torch.tensor(0.0)))
-            if window.lo > 0 and window.low_value > 0
-            else None
-        )
+        if window.keeps_none:
+            self._low, self._high = math.inf, math.inf
+        else:
+            # just below low_value, so that |x| > low keeps |x| >= low_value
+            self._low = (
+                float(torch.nextafter(torch.tensor(window.low_value), torch.tensor(0.0)))
+                if window.lo > 0 and window.low_value > 0
+                else -1.0
+            )
+            self._high = window.high_value if window.hi < window.n else math.inf
         self._drop = window.drop.tolist() if window.drop is not None else []
+
+    def rule(self) -> MaskRule:
+        if self.window.keeps_all:
+            return KEEP_EVERYTHING
+        return MaskRule("window", self._low, self._high, drop=self.window.drop)
 
     def apply(
         self, index: int, start: int, x: torch.Tensor, scratch: Scratch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = self.window
-        if w.keeps_all:
+        if self.window.keeps_all:
             return x, None
-        out = scratch.get((id(self), 0), x)
-        if w.keeps_none:
-            return out.zero_(), None
-        if self._low is not None:
-            torch.ops.aten.hardshrink.out(x, self._low, out=out)
-        else:
-            out.copy_(x)
-        if w.hi < w.n:
-            out.sub_(torch.ops.aten.hardshrink.out(out, w.high_value, out=scratch.get((id(self), 1), x)))
+        mask = scratch.get((id(self), 0), x)
+        magnitude = torch.abs(x, out=scratch.get((id(self), 1), x))
+        torch.gt(magnitude, self._low, out=mask)
+        if self._high < math.inf:
+            mask.mul_(torch.le(magnitude, self._high, out=magnitude))
         first = bisect.bisect_left(self._drop, start)
         last = bisect.bisect_left(self._drop, start + x.numel())
         if last > first:
-            out.index_fill_(0, w.drop[first:last] - start, 0.0)
-        return out, None
+            mask.index_fill_(0, self.window.drop[first:last] - start, 0.0)
+        return x, mask
 
 
 def random_keys(generator: torch.Generator, n: int, device: torch.device) -> torch.Tensor:
@@ -297,21 +333,30 @@ def random_keys(generator: torch.Generator, n: int, device: torch.device) -> tor
     return keys.mul_(_GRID).floor_().neg_()
 
 
+def key_threshold(p: float) -> float:
+    """−⌈p·2²⁴⌉: a key beats it exactly when its uniform u < p."""
+    return -float(math.ceil(p * _GRID))
+
+
 def keep_mask(keys: torch.Tensor, p: float | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Exact 0/1 float mask of u < p from keys −⌊u·2²⁴⌋ (``p`` a scalar or per-entry float32)."""
     if isinstance(p, torch.Tensor):
         threshold = torch.mul(p, -_GRID, out=out).floor_()  # −⌈p·2²⁴⌉
         return torch.gt(keys, threshold, out=out)
-    return torch.gt(keys, -float(math.ceil(p * _GRID)), out=out)
+    return torch.gt(keys, key_threshold(p), out=out)
 
 
 class KeepBernoulli(Sparsifier):
     """DARE: keep each entry with probability ``density``; ``scale`` = 1/density when rescaling."""
 
     def __init__(self, keys: torch.Tensor, density: float, rescale: bool):
+        self.all_keys = keys
         self.keys = split(keys)
         self.density = density
         self.scale = 1.0 / density if rescale and density > 0 else 1.0
+
+    def rule(self) -> MaskRule:
+        return MaskRule("bernoulli", key_threshold(self.density), keys=self.all_keys)
 
     def apply(
         self, index: int, start: int, x: torch.Tensor, scratch: Scratch

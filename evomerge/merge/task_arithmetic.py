@@ -29,7 +29,8 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for, split
-from evomerge.merge.consensus import consensus_merge
+from evomerge.merge.consensus import combine
+from evomerge.merge.fused import fused_merge
 from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, register_operator
 from evomerge.merge.sparsify import (
     KeepAll,
@@ -85,38 +86,32 @@ def merge_task_vectors(
     if not active:
         dest.copy_(base)
         return finish(result, out)
-    tau_chunks = [split(tau) for tau in taus]
-    base_chunks, dest_chunks = split(base), split(dest)
-    offset = inputs.offset
     if method.consensus:
         coefs = [weights[i] * s.scale for i, s in zip(active, sparsifiers)]
-        active_weights = [weights[i] for i in active]
-
-        def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-            kept = [s.apply(index, offset + start, tau[index], scratch) for s, tau in zip(sparsifiers, tau_chunks)]
-            values = [v for v, _ in kept]
-            masks = [m for _, m in kept]
-            consensus_merge(
-                values, masks, coefs, active_weights, normalize, base_chunks[index], factor, dest_chunks[index], scratch
-            )
-
     else:
         divisor = sum(weights) if normalize else 1.0
         if abs(divisor) < 1e-8:
             divisor = 1.0
         coefs = [weights[i] * factor * s.scale / divisor for i, s in zip(active, sparsifiers)]
+    scalars = torch.tensor(coefs + [weights[i] for i in active] + [factor], dtype=torch.float32, device=base.device)
+    offset = inputs.offset
+    if not fused_merge(base, taus, sparsifiers, scalars, offset, method.consensus, normalize, dest):
+        tau_chunks = [split(tau) for tau in taus]
+        base_chunks, dest_chunks = split(base), split(dest)
 
         def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-            o = dest_chunks[index]
-            for k, (s, tau) in enumerate(zip(sparsifiers, tau_chunks)):
-                values, mask = s.apply(index, offset + start, tau[index], scratch)
-                b = base_chunks[index] if k == 0 else o
-                if mask is None:
-                    torch.add(b, values, alpha=coefs[k], out=o)
-                else:
-                    torch.addcmul(b, values, mask, value=coefs[k], out=o)
+            kept = [s.apply(index, offset + start, tau[index], scratch) for s, tau in zip(sparsifiers, tau_chunks)]
+            combine(
+                base_chunks[index],
+                [v for v, _ in kept],
+                [m for _, m in kept],
+                scalars,
+                method.consensus,
+                normalize,
+                out=dest_chunks[index],
+            )
 
-    for_chunks(base.numel(), base.device, body)
+        for_chunks(base.numel(), base.device, body)
     return finish(result, out)
 
 
