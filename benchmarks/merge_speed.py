@@ -8,7 +8,9 @@ sorted magnitudes and DARE keys are computed by the first repetition, reported a
 best of the following ones is "seconds"). Each method's time is
 compared with the ideal = (bytes read + bytes written) ÷ copy bandwidth, where the bandwidth is
 measured in the same run with ``dst.copy_(src)`` over the same tensors (whole, or chunk by chunk
-through the operators' chunk runner, whichever is faster).
+through the operators' chunk runner, whichever is faster). On CPU the task-vector methods run as
+fused compiled kernels (``evomerge.merge.fused``); ``EVOMERGE_FUSED_KERNELS=off`` measures the eager
+chunked path instead.
 
     python benchmarks/merge_speed.py [--params 100e6] [--sources 3] [--repeats 3] [--threads N]
 
@@ -26,6 +28,7 @@ import torch
 
 from evomerge.merge import TensorInputs, get_operator
 from evomerge.merge.chunking import for_chunks
+from evomerge.merge.fused import repeated_merges
 
 HIDDEN = 768
 FFN = 2048
@@ -126,6 +129,10 @@ def main() -> None:
         caches: dict[str, dict] = {name: {} for name in shapes}
 
         def merge_all() -> None:
+            with repeated_merges():  # as a search worker's resident merger does
+                merge_tensors()
+
+        def merge_tensors() -> None:
             for name in shapes:
                 inputs = TensorInputs(
                     name=name,

@@ -67,14 +67,23 @@ def _merge(method: str, seed: int, *, fused_on: bool, monkeypatch: pytest.Monkey
         calls.append(original(*args, **kwargs))
         return calls[-1]
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, fused.repeated_merges():
         patch.setattr(fused, "MIN_NUMEL", 1 if fused_on else 1 << 62)
         patch.setattr(task_arithmetic_module, "fused_merge", spy)
         result = spec.fn(inputs, params, None)
     return result, calls
 
 
-@pytest.mark.parametrize("method", sorted(CASES))
+CONSENSUS = ["ties", "ties_rescaled", "breadcrumbs_ties", "dare_ties"]
+
+
+@pytest.mark.parametrize("method", sorted(set(CASES) - set(CONSENSUS)))
+def test_plain_sums_stay_eager(method, monkeypatch):
+    _, calls = _merge(method, 0, fused_on=True, monkeypatch=monkeypatch)
+    assert calls == [False]
+
+
+@pytest.mark.parametrize("method", CONSENSUS)
 def test_fused_kernel_equals_the_eager_chunks_bit_for_bit(method, monkeypatch):
     for seed in (0, 1):
         eager, eager_calls = _merge(method, seed, fused_on=False, monkeypatch=monkeypatch)
@@ -115,7 +124,8 @@ def test_della_is_not_fused(monkeypatch):
     calls = []
     original = task_arithmetic_module.fused_merge
     monkeypatch.setattr(task_arithmetic_module, "fused_merge", lambda *a: calls.append(original(*a)) or calls[-1])
-    spec.fn(inputs, params, None)
+    with fused.repeated_merges():
+        spec.fn(inputs, params, None)
     assert calls == [False]
 
 
@@ -137,18 +147,20 @@ def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
     assert not fused.enabled(torch.device("cpu"))
 
 
-def test_the_switch_and_the_device(monkeypatch):
+def test_only_repeated_cpu_merges_are_fused_unless_switched_off(monkeypatch):
     monkeypatch.setattr(fused, "_broken", [])
-    assert fused.enabled(torch.device("cpu"))
-    assert not fused.enabled(torch.device("meta"))
-    monkeypatch.setenv(fused.ENV, "off")
-    assert not fused.enabled(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert not fused.enabled(cpu)  # a one-off merge (an export) stays eager
+    with fused.repeated_merges():
+        assert fused.enabled(cpu)
+        assert not fused.enabled(torch.device("meta"))
+        monkeypatch.setenv(fused.ENV, "off")
+        assert not fused.enabled(cpu)
+    assert not fused.enabled(cpu)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_blockwise_export_with_fused_blocks_equals_the_eager_resident_merge(
-    method, make_pico_family, monkeypatch, tmp_path
-):
+def test_the_eager_export_writes_what_the_fused_resident_merger_computes(method, make_pico_family, monkeypatch, tmp_path):
     monkeypatch.setattr(chunking, "CHUNK", 16)  # pico tensors span many blocks of 128
     family = make_pico_family("llama", 3, dtype=torch.bfloat16, hidden=32, vocab_size=96)
     per_model = {"expert_1": {"weight": 1.0, "density": 0.4}, "expert_2": {"weight": 0.5, "density": 0.7}}
@@ -162,14 +174,19 @@ def test_blockwise_export_with_fused_blocks_equals_the_eager_resident_merge(
         }
     )
     monkeypatch.setattr(fused, "MIN_NUMEL", 2)
+    calls: list[bool] = []
+    original = task_arithmetic_module.fused_merge
+    monkeypatch.setattr(task_arithmetic_module, "fused_merge", lambda *a: calls.append(original(*a)) or calls[-1])
     out = export_merge(recipe, tmp_path / "merged", progress=False)
+    assert calls and not any(calls)  # blockwise and eager
     exported = {}
     for shard in out.glob("*.safetensors"):
         exported.update(load_file(shard))
-    monkeypatch.setenv(fused.ENV, "off")
+    calls.clear()
     with ModelPool.open(recipe.models, recipe.base) as pool:
         merger = ResidentMerger.load(pool, dtype=torch.float32)
         merger.apply(recipe)
         whole = merger.model.state_dict()
+    assert calls and all(calls)
     for name, tensor in exported.items():
         assert torch.equal(tensor, whole[name].to(tensor.dtype)), name

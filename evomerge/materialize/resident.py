@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.materialize.tensors import is_mergeable, merge_tensor
+from evomerge.merge.fused import repeated_merges
 from evomerge.pool import ModelPool
 from evomerge.recipe import Recipe, RecipePlanner
 
@@ -83,6 +84,10 @@ class ResidentMerger:
     def apply(self, recipe: Recipe) -> None:
         """Write the merge described by ``recipe`` into the live model's parameters."""
         self._check_models(recipe)
+        with repeated_merges():  # a worker merges the same tensors for every candidate
+            self._write(recipe)
+
+    def _write(self, recipe: Recipe) -> None:
         layer_map = self.pool.layer_map
         planner = RecipePlanner(recipe, layer_map.num_layers)
         sources = recipe.source_names

@@ -4,10 +4,11 @@ mergekit's convention: the election runs on the *weighted* (sparsified) deltas, 
 the sign of their sum with 0 counting as +, and a delta agrees when its own sign equals the elected
 one (so a zero delta never agrees and never counts in a normalising divisor).
 
-``combine`` is written with elementwise operations that each round once (no ``addcmul``/``alpha``,
-whose fused multiply-add depends on how the kernel was compiled), and every product by a 0/1 mask
-is exact. So its result is the same bit for bit whether it runs eagerly chunk by chunk, on a
-gathered subset, or compiled into one fused kernel (``fused``), on CPU or GPU.
+``combine``'s consensus path is written with operations that each round once, and every product
+inside an ``addcmul``/``alpha`` (where a fused multiply-add may or may not be used, depending on how
+the kernel was compiled) is exact, being by a 0/1 mask. So its result is the same bit for bit
+whether it runs eagerly chunk by chunk, on a gathered subset, or compiled into one fused kernel
+(``fused``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from evomerge.merge.chunking import Scratch
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -28,6 +31,31 @@ def agreement(weighted_delta: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return weighted_delta * sign > 0
 
 
+def _accumulate(
+    acc: torch.Tensor | None,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    w: float | torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """acc + (x·mask)·w where that product is exact (a 0/1 ``mask``, or ``w`` only on a 0/1 ``x``).
+
+    Then the fused multiply-add inside ``addcmul``/``alpha`` (buffered, eager) rounds exactly like
+    the separate operations of the functional form (``out`` None: compiled kernels, subsets).
+    """
+    if out is None:
+        term = x if mask is None else x * mask
+        term = term if w is None else term * w
+        return term if acc is None else acc + term
+    value = 1.0 if w is None else float(w)
+    if acc is None:
+        product = torch.mul(x, mask if mask is not None else value, out=out)
+        return product.mul_(value) if mask is not None and w is not None else product
+    if mask is None:
+        return torch.add(acc, x, alpha=value, out=out)
+    return torch.addcmul(acc, x, mask, value=value, out=out)
+
+
 def combine(
     base: torch.Tensor,
     values: Sequence[torch.Tensor],
@@ -36,44 +64,66 @@ def combine(
     consensus: bool,
     normalize: bool,
     out: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """θ₀ plus the kept deltas dᵢ = (valuesᵢ·cᵢ)·maskᵢ, summed plainly or by sign consensus.
 
     ``scalars`` is float32: ``[c₀ … cₖ₋₁, w₀ … wₖ₋₁, factor]`` with cᵢ the coefficient of source i
     and wᵢ its weight in a normalising divisor; ``masks`` are 0/1 (None: keep all).
 
-    - plain: ``((θ₀ + d₀) + d₁) + …`` (cᵢ already hold λ, rescales and any divisor);
+    - plain: ``((θ₀ + d₀) + d₁) + …`` (cᵢ already hold λ, rescales and any divisor), each step one
+      ``add``/``addcmul`` (eager only);
     - consensus: with T = Σ dᵢ, A = Σ |dᵢ| and e = copysign(1, T), the agreeing sum is (T + e·A)/2
       — the explicit sum up to rounding in the last bit — and θ₀ + factor·that, divided by the
       agreeing weights Σ wᵢ[sign dᵢ = e] (0 → 1, mergekit's rule) with ``normalize``.
+
+    With ``scratch`` (eager, chunk by chunk) intermediates live in reused buffers; without it
+    (inside a compiled kernel, or on a gathered subset) the same operations allocate.
     """
     k = len(values)
-    kept = []
-    for i, (v, m) in enumerate(zip(values, masks)):
-        d = v * scalars[i]
-        kept.append(d if m is None else d * m)
+    s: Sequence[float] | torch.Tensor = scalars.tolist() if scratch is not None or not consensus else scalars
+
+    def buf(key: str) -> torch.Tensor | None:
+        return scratch.get(("combine", key), base) if scratch is not None else None
+
     if not consensus:
+        # one multiply-add per source: never fused (eager is already within 2× of the bandwidth
+        # ideal), so its rounding need not match a kernel's
         total = base
-        for d in kept[:-1]:
-            total = total + d
-        return torch.add(total, kept[-1], out=out) if out is not None else total + kept[-1]
-    total, spread = kept[0], kept[0].abs()
-    for d in kept[1:]:
-        total = total + d
-        spread = spread + d.abs()
-    agreeing = torch.copysign(spread, total) + total  # twice the agreeing sum
-    factor = scalars[2 * k]
+        for i, (v, m) in enumerate(zip(values, masks)):
+            o = out if i == k - 1 else buf("total")
+            total = torch.add(total, v, alpha=s[i], out=o) if m is None else torch.addcmul(total, v, m, value=s[i], out=o)
+        return total
+    total_, spread, positive, negative = None, None, None, None
+    for i, (v, m) in enumerate(zip(values, masks)):
+        d = torch.mul(v, s[i], out=buf("d"))
+        total_ = _accumulate(total_, d, m, None, buf("total"))
+        spread = _accumulate(spread, torch.abs(d, out=buf("abs")), m, None, buf("spread"))
+        if normalize:
+            w = s[k + i]
+            positive = _accumulate(positive, _flag(torch.gt, d, buf("flag")), m, w, buf("positive"))
+            negative = _accumulate(negative, _flag(torch.lt, d, buf("flag")), m, w, buf("negative"))
+    assert total_ is not None and spread is not None
+    agreeing = torch.copysign(spread, total_, out=buf("spread"))
+    agreeing = torch.add(agreeing, total_, out=buf("spread"))  # twice the agreeing sum
+    factor = s[2 * k]
     if not normalize:
-        delta = agreeing * (factor * 0.5)
+        delta = torch.mul(agreeing, factor * 0.5, out=buf("spread"))
     else:
-        positive = negative = None
-        for i, d in enumerate(kept):
-            w = scalars[k + i]
-            p, n = (d > 0).to(torch.float32) * w, (d < 0).to(torch.float32) * w
-            positive = p if positive is None else positive + p
-            negative = n if negative is None else negative + n
+        assert positive is not None and negative is not None
         # T < 0 rather than signbit(T): T = −0 only when every dᵢ is ±0, where both sums are 0
-        divisor = torch.where(total < 0, negative, positive)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
-        delta = ((agreeing * 0.5) / divisor) * factor
-    return torch.add(base, delta, out=out) if out is not None else base + delta
+        # the select as exact 0/1 products (torch.where is several times slower on CPU):
+        # positive·(1 − f) + negative·f with f = [T < 0], then 0 → 1
+        elected_negative = _flag(torch.lt, total_, buf("flag"))
+        divisor = torch.mul(positive, torch.sub(1.0, elected_negative, out=buf("abs")), out=buf("positive"))
+        divisor = _accumulate(divisor, negative, elected_negative, None, buf("positive"))
+        divisor = torch.add(divisor, _flag(torch.eq, divisor, buf("flag")), out=buf("positive"))
+        delta = torch.mul(agreeing, 0.5, out=buf("spread"))
+        delta = torch.div(delta, divisor, out=buf("spread"))
+        delta = torch.mul(delta, factor, out=buf("spread"))
+    return torch.add(base, delta, out=out)
+
+
+def _flag(compare, d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """1.0 where ``compare(d, 0)`` else 0.0 (a float ``out`` is faster than a bool on CPU)."""
+    return compare(d, 0, out=out) if out is not None else compare(d, 0).to(torch.float32)

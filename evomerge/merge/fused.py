@@ -1,8 +1,9 @@
-"""The task-vector pipeline as one compiled CPU kernel per merge structure (torch.compile, Inductor).
+"""Sign-consensus merges as one compiled CPU kernel per merge structure (torch.compile, Inductor).
 
-Eager PyTorch makes one pass per operation: a DARE-TIES merge of three sources is ~15 passes per
-chunk, and measured 4.1–4.8× the memory-bandwidth ideal. Compiled, masks, sums and the election
-run in one loop that reads each input once (~1.4×).
+Eager PyTorch makes one pass per operation: a DARE-TIES merge of three sources is ~20 passes per
+cache-sized chunk (5.3× the memory-bandwidth ideal), TIES ~35 (11×). Compiled, masks, sums and the
+election run in one loop that reads each input once (1.9× and 3×). Plain sums (task arithmetic,
+DARE linear) are one multiply-add per source and stay eager.
 
 The kernel computes masks from ``MaskRule``s and calls ``consensus.combine``, whose operations each
 round once; Inductor compiles with ``-ffp-contract=off``, so the fused result equals the eager
@@ -10,8 +11,11 @@ result bit for bit. That is what lets a worker use it, an export fall back to ea
 still agree; tests check it. Entries a rule cannot express in-kernel (a magnitude window's tied
 boundary entries, ``MaskRule.drop``) are recomputed on a gathered subset afterwards.
 
-Used on CPU for tensors of at least ``MIN_NUMEL`` entries (1 MiB of float32; test-sized models
-never pay for a compile).
+Used only inside ``repeated_merges()`` — the resident merger of a search worker, which merges the
+same tensors thousands of times — on CPU, for tensors of at least ``MIN_NUMEL`` entries (1 MiB of
+float32; test-sized models never pay for a compile). A one-off export stays eager: it is bound by
+reading the files, and importing and compiling would cost it seconds and ~150 MB; being
+bit-identical, it still writes exactly the tensors the search scored.
 ``EVOMERGE_FUSED_KERNELS=off`` turns it off; a failed compile (no C++ compiler, say) logs one
 warning and falls back to eager for the rest of the process.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -32,11 +38,23 @@ MIN_NUMEL = 1 << 18
 ENV = "EVOMERGE_FUSED_KERNELS"
 _log = logging.getLogger(__name__)
 _broken: list[str] = []
+_repeated: ContextVar[bool] = ContextVar("evomerge_repeated_merges", default=False)
+
+
+@contextmanager
+def repeated_merges() -> Iterator[None]:
+    """Mark the merges inside as repeated many times (a search worker's): worth compiled kernels."""
+    token = _repeated.set(True)
+    try:
+        yield
+    finally:
+        _repeated.reset(token)
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether merges on ``device`` use fused kernels (CPU, not turned off, compiling works)."""
-    return device.type == "cpu" and os.environ.get(ENV, "auto").lower() not in ("off", "0", "false") and not _broken
+    """Whether merges on ``device`` use fused kernels here (repeated, CPU, not off, compiling works)."""
+    switch = os.environ.get(ENV, "auto").lower() not in ("off", "0", "false")
+    return _repeated.get() and device.type == "cpu" and switch and not _broken
 
 
 def _masks(
@@ -88,7 +106,7 @@ def fused_merge(
     Returns False, having written nothing meaningful, when the eager path must do it.
     """
     n = base.numel()
-    if n < MIN_NUMEL or not enabled(base.device):
+    if not consensus or n < MIN_NUMEL or not enabled(base.device):
         return False
     rules = [s.rule() for s in sparsifiers]
     if any(rule is None for rule in rules):

@@ -109,6 +109,7 @@ def merge_task_vectors(
                 method.consensus,
                 normalize,
                 out=dest_chunks[index],
+                scratch=scratch,
             )
 
         for_chunks(base.numel(), base.device, body)
