@@ -7,6 +7,7 @@ export *adds* is its peak minus the peak of the same command merging pico models
 Python + torch process itself), which should not grow with the number of sources.
 
     python benchmarks/export_vs_mergekit.py [--hidden 768] [--layers 10] [--skip-mergekit]
+        [--methods linear,ties,model_stock,slerp]
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ def family(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, Path]:
 
 
 def configs(models: dict[str, Path], sources: int = 3) -> dict[str, dict]:
+    """mergekit configs of each method over ``sources`` experts (model stock: at least 2; SLERP: 1)."""
     experts = [{"model": str(models[k]), "parameters": {"weight": w, "density": d}}
-               for k, w, d in (("expert_1", 0.5, 0.5), ("expert_2", 0.3, 0.6), ("expert_3", 0.2, 0.7))][:sources]
+               for k, w, d in (("expert_1", 0.5, 0.5), ("expert_2", 0.3, 0.6), ("expert_3", 0.2, 0.7))]
     linear = [{"model": e["model"], "parameters": {"weight": e["parameters"]["weight"]}} for e in experts]
+    base = str(models["base"])
     return {
-        "linear": {"merge_method": "linear", "models": linear, "dtype": "float32"},
-        "ties": {"merge_method": "ties", "base_model": str(models["base"]), "models": experts, "dtype": "float32"},
+        "linear": {"merge_method": "linear", "models": linear[:sources], "dtype": "float32"},
+        "ties": {"merge_method": "ties", "base_model": base, "models": experts[:sources], "dtype": "float32"},
+        "model_stock": {"merge_method": "model_stock", "base_model": base,
+                        "models": [{"model": e["model"]} for e in experts[: max(2, sources)]], "dtype": "float32"},
+        "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": experts[0]["model"]}],
+                  "parameters": {"t": 0.3}, "dtype": "float32"},
     }
 
 
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--methods", default="linear,ties", help="comma-separated: linear, ties, model_stock, slerp")
     args = parser.parse_args()
     work = ROOT / ".cache" / "bench"
     models = family(work / f"llama-{args.hidden}x{args.layers}", args.hidden, args.layers, args.vocab)
@@ -76,7 +84,9 @@ def main() -> None:
     print(f"process floor (evomerge merging a pico model): {floor:.0f} MB peak RSS")
 
     one_source = configs(models, sources=1)
-    for method, config in configs(models).items():
+    every = configs(models)
+    for method in args.methods.split(","):
+        config = every[method]
         path = work / f"{method}.yaml"
         path.write_text(yaml.safe_dump(config))
         ours, peak = run([str(BIN / "evomerge"), "merge", str(path), "--out", str(work / f"out-{method}"), "--overwrite", "--quiet"])
@@ -85,7 +95,7 @@ def main() -> None:
         _, single_peak = run([str(BIN / "evomerge"), "merge", str(single), "--out", str(work / f"out-{method}-1"), "--overwrite", "--quiet"])
         shutil.rmtree(work / f"out-{method}-1", ignore_errors=True)
         line = (f"{method:7s} evomerge {ours:6.1f} s  adds {peak - floor:5.0f} MB over the floor "
-                f"(1 source: {single_peak - floor:4.0f} MB; target <= 300)")
+                f"(fewest sources: {single_peak - floor:4.0f} MB; target <= 300)")
         if not args.skip_mergekit:
             theirs, their_peak = run([str(BIN / "mergekit-yaml"), str(path), str(work / f"mk-{method}")])
             line += f" | mergekit-yaml {theirs:6.1f} s ({their_peak:.0f} MB peak)  speed-up {theirs / ours:4.1f}x (target >= 2x)"

@@ -76,6 +76,9 @@ METHODS = {
     "breadcrumbs": ({}, {"expert_1": {"weight": 1.0, "density": 0.5, "gamma": 0.1}, "expert_2": {"weight": 1.0, "density": 0.8}}),
     "breadcrumbs_ties": ({}, {"expert_1": {"weight": 1.0, "density": 0.5}, "expert_2": {"weight": 0.3, "density": 1.0}}),
     "passthrough": ({"source": "expert_2", "scale": 0.5}, {}),
+    "slerp": ({"t": 0.3}, {}),
+    "model_stock": ({}, {}),
+    "model_stock_filter_wise": ({"filter_wise": True}, {}),
     "layer_swap": ({"outer": "expert_1", "inner": "expert_2", "bottom": 1, "width": 1}, {}),
 }
 
@@ -99,8 +102,10 @@ def small_chunks(monkeypatch):
 def test_blockwise_export_equals_the_whole_tensor_merge(key, make_pico_family, small_chunks, tmp_path):
     family = make_pico_family("llama", 2, dtype=torch.bfloat16, hidden=32, vocab_size=96)
     shared, per_model = METHODS[key]
-    method = key.removesuffix("_rescaled")
+    method = key.removesuffix("_rescaled").removesuffix("_filter_wise")
     data = {"models": {k: str(v) for k, v in family.items()}, "method": method, "parameters": shared, "seed": 5}
+    if method == "slerp":
+        data["sources"] = ["expert_1"]
     if OPERATORS[method].needs_base:
         data["base"] = "base"
     if per_model:
@@ -110,7 +115,8 @@ def test_blockwise_export_equals_the_whole_tensor_merge(key, make_pico_family, s
     out = export_merge(recipe, tmp_path / "merged", progress=False)
     for shard in out.glob("*.safetensors"):
         exported.update(load_file(shard))
-    assert "model.embed_tokens.weight" in small_chunks  # 96×32 entries: 24 blocks of 128
+    # 96×32 entries: 24 blocks of 128 (filter-wise model stock needs whole rows: merged whole)
+    assert ("model.embed_tokens.weight" in small_chunks) == (key != "model_stock_filter_wise")
     with ModelPool.open(recipe.models, recipe.base) as pool:
         merger = ResidentMerger.load(pool, dtype=torch.float32)
         merger.apply(recipe)
@@ -120,7 +126,7 @@ def test_blockwise_export_equals_the_whole_tensor_merge(key, make_pico_family, s
 
 
 def test_only_blockwise_operators_get_a_prepare_hook():
-    assert {name for name, op in OPERATORS.items() if not op.blockwise} == {"della", "della_linear", "slerp", "model_stock"}
+    assert {name for name, op in OPERATORS.items() if not op.blockwise} == {"della", "della_linear"}
     with pytest.raises(ValueError, match="prepare hook only serves blockwise operators"):
         register_operator("not_blockwise", prepare=lambda inputs, params, stream: {})
 

@@ -31,7 +31,7 @@ def block_size(device: torch.device) -> int:
 
 def blockwise(plan: TensorPlan, numel: int, device: torch.device) -> bool:
     """Whether the export merges this tensor block by block (only worth it above one block)."""
-    return plan.operator.blockwise and numel > block_size(device)
+    return plan.operator.merges_blockwise(plan.params) and numel > block_size(device)
 
 
 def _spans(n: int, block: int) -> Iterator[tuple[int, int]]:
@@ -61,6 +61,12 @@ class PoolTensorStream:
         """
         buffer = self.buffers.get(role, (self.block,))[: stop - start]
         return self.pool.tensor_range(model, self.name, start, buffer)
+
+    def blocks(self, i: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        model, role = (self.base, "base") if i is None else (self.sources[i], f"source{i}")
+        assert model is not None, "no base model"
+        for start, stop in _spans(self.numel, self.block):
+            yield start, self.read(model, start, stop, role)
 
     def task_vector_blocks(self, i: int) -> Iterator[tuple[int, torch.Tensor]]:
         assert self.base is not None, "task vectors need a base model"

@@ -3,18 +3,20 @@
 Semantics follow mergekit so configs and parity tests agree: ``linear`` merges the sources (not
 the base) as Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize`` (the default); ``slerp`` interpolates from
 the base (v₀, t = 0) to the one source (v₁, t = 1) along the great circle through the two flattened
-tensors, falling back to lerp when they are nearly collinear (|cos| > 0.9995).
+tensors, falling back to lerp when they are nearly collinear (|cos| > 0.9995). Both are blockwise:
+SLERP's angle comes from a streamed Gram matrix.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge.chunking import Scratch, chunk_size, finish, flat, for_chunks, output_for, split
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, register_operator
+from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, lockstep, register_operator
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -42,16 +44,29 @@ def weighted_sum(tensors: list[torch.Tensor], coefs: list[float], dest: torch.Te
 
 def dot_products(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The Gram matrix ⟨xᵢ, xⱼ⟩ (float64) of flat tensors, from per-chunk partial sums."""
-    k, n = len(tensors), tensors[0].numel()
-    chunks = len(range(0, n, chunk_size(tensors[0].device)))
-    partial = torch.zeros(chunks, k, k, dtype=torch.float64, device=tensors[0].device)
-    parts = [split(t) for t in tensors]
+    return gram_from_blocks(iter([(0, tensors)]), tensors[0].numel(), tensors[0].device)
 
-    def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
-        block = torch.stack([p[index] for p in parts])
-        partial[index] = (block @ block.T).to(torch.float64)
 
-    for_chunks(n, tensors[0].device, body)
+def gram_from_blocks(blocks: Iterator[tuple[int, list[torch.Tensor]]], n: int, device: torch.device) -> torch.Tensor:
+    """``dot_products`` of tensors given as consecutive blocks (offsets at chunk multiples).
+
+    One partial Gram matrix per global chunk, summed at the end: the same numbers in the same
+    order whatever the blocks, so a blockwise merge gets exactly the whole-tensor factors.
+    """
+    size = chunk_size(device)
+    partial: torch.Tensor | None = None
+    for offset, xs in blocks:
+        if partial is None:
+            partial = torch.zeros(-(-n // size), len(xs), len(xs), dtype=torch.float64, device=device)
+        first = offset // size
+        target = partial
+
+        def body(index: int, start: int, stop: int, scratch: Scratch) -> None:
+            block = torch.stack([x[start:stop] for x in xs])
+            target[first + index] = (block @ block.T).to(torch.float64)
+
+        for_chunks(xs[0].numel(), device, body)
+    assert partial is not None, "no blocks"
     return partial.sum(dim=0).cpu()
 
 
@@ -78,9 +93,9 @@ def linear(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> to
     return finish(result, out)
 
 
-def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
-    """(a, b) with slerp(t, v0, v1) = a·v0 + b·v1 (mergekit's normalisation and lerp fallback)."""
-    gram = dot_products([v0, v1])
+def slerp_coefficients(t: float, gram: torch.Tensor) -> tuple[float, float]:
+    """(a, b) with slerp(t, v0, v1) = a·v0 + b·v1 from the Gram matrix of (v0, v1) (mergekit's
+    normalisation and lerp fallback)."""
     norm0, norm1 = math.sqrt(float(gram[0, 0])), math.sqrt(float(gram[1, 1]))
     norm0 = norm0 if norm0 > NORM_EPS else 1.0
     norm1 = norm1 if norm1 > NORM_EPS else 1.0
@@ -92,20 +107,29 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[fl
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
+def _slerp_prepare(inputs: TensorInputs, params: Params, stream: TensorStream) -> dict[str, object]:
+    gram = gram_from_blocks(lockstep(stream.blocks(None), stream.blocks(0)), stream.numel, stream.device)
+    return {"coefficients": slerp_coefficients(float(params.shared["t"]), gram)}
+
+
 @register_operator(
     "slerp",
     shared={"t": ParamDef(None, required=True, doc="position from the base (0) to the other model (1)")},
     needs_base=True,
     min_sources=1,
     max_sources=1,
+    blockwise=True,
+    prepare=_slerp_prepare,
 )
 def slerp(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Spherical interpolation between the base (t = 0) and one other model (t = 1)."""
     if inputs.base is None or len(inputs.sources) != 1:
         raise ConfigError(f"tensor {inputs.name}: slerp needs a base model and exactly one other model")
-    t = float(params.shared["t"])
     v0, v1 = flat(inputs.base), flat(inputs.sources[0])
-    a, b = slerp_coefficients(t, v0, v1)
+    if inputs.stats is not None:
+        a, b = inputs.stats["coefficients"]
+    else:
+        a, b = slerp_coefficients(float(params.shared["t"]), dot_products([v0, v1]))
     result, dest = output_for(inputs.base, out)
     weighted_sum([v0, v1], [a, b], dest)
     return finish(result, out)

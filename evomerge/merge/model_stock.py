@@ -6,6 +6,8 @@ conventions: cosines use norms clamped at 1e-6 and are clipped to [−1, 1]; at 
 |1 + (N−1)c| < 1e-6 the base is kept (t = 0). The default reproduces mergekit exactly, so its
 configs mean the same here; ``clamp: true`` clips t to [0, 1], because anti-correlated task vectors
 (c < 0) otherwise extrapolate away from the sources or, past the singularity, far beyond them.
+The per-tensor form is blockwise (a streamed Gram matrix gives c); ``filter_wise`` merges whole
+tensors.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge.chunking import finish, flat, output_for
-from evomerge.merge.interpolation import dot_products, weighted_sum
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, register_operator
+from evomerge.merge.interpolation import dot_products, gram_from_blocks, weighted_sum
+from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, lockstep, register_operator
 
 _NORM_FLOOR = 1e-6
 _SINGULAR = 1e-6
@@ -40,16 +42,22 @@ def mean_pairwise_cosine(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(cosines).mean(dim=0)
 
 
-def _global_cosine(taus: list[torch.Tensor]) -> torch.Tensor:
-    """Whole-tensor mean pairwise cosine (float64)."""
-    gram = dot_products(taus)
+def _global_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Whole-tensor mean pairwise cosine (float64) from the task vectors' Gram matrix."""
     norms = gram.diagonal().sqrt()
+    k = gram.shape[0]
     cosines = [
         (gram[i, j] / (norms[i] * norms[j]).clamp_min(_NORM_FLOOR)).clamp(-1.0, 1.0)
-        for i in range(len(taus))
-        for j in range(i + 1, len(taus))
+        for i in range(k)
+        for j in range(i + 1, k)
     ]
     return torch.stack(cosines).mean().reshape(1)
+
+
+def _prepare(inputs: TensorInputs, params: Params, stream: TensorStream) -> dict[str, object]:
+    k = len(inputs.source_names)
+    gram = gram_from_blocks(lockstep(*(stream.task_vector_blocks(i) for i in range(k))), stream.numel, stream.device)
+    return {"t": float(interpolation_factor(_global_cosine(gram), k, bool(params.shared["clamp"])))}
 
 
 @register_operator(
@@ -60,6 +68,8 @@ def _global_cosine(taus: list[torch.Tensor]) -> torch.Tensor:
     },
     needs_base=True,
     min_sources=2,
+    blockwise=lambda params: not params.shared["filter_wise"],  # rows may straddle blocks
+    prepare=_prepare,
 )
 def model_stock(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Model Stock: θ₀ + t·mean(τᵢ) with t from the task vectors' mean pairwise cosine."""
@@ -82,6 +92,9 @@ def model_stock(inputs: TensorInputs, params: Params, out: torch.Tensor | None) 
         grid.mul_(t / n).add_(flat(inputs.base).view(-1, width))
         return finish(result, out)
     flat_taus = [flat(x) for x in taus]
-    t = float(interpolation_factor(_global_cosine(flat_taus), n, clamp))
+    if inputs.stats is not None:
+        t = inputs.stats["t"]
+    else:
+        t = float(interpolation_factor(_global_cosine(dot_products(flat_taus)), n, clamp))
     weighted_sum([flat(inputs.base), *flat_taus], [1.0] + [t / n] * n, dest)
     return finish(result, out)

@@ -169,6 +169,16 @@ class TensorStream(Protocol):
         """(offset, τᵢ block) for source ``i``, the block valid until the next one is drawn."""
         ...
 
+    def blocks(self, i: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, block) of source ``i``'s tensor, or of the base's for None."""
+        ...
+
+
+def lockstep(*passes: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Several passes of a ``TensorStream`` advanced together: (offset, [block of each])."""
+    for items in zip(*passes):
+        yield items[0][0], [block for _, block in items]
+
 
 OperatorFn = Callable[[TensorInputs, Params, "torch.Tensor | None"], torch.Tensor]
 PrepareFn = Callable[[TensorInputs, Params, TensorStream], dict[str, Any]]
@@ -187,8 +197,12 @@ class OperatorSpec:
     max_sources: int | None
     stochastic: bool
     doc: str
-    blockwise: bool = False
+    blockwise: bool | Callable[[Params], bool] = False
     prepare: PrepareFn | None = None
+
+    def merges_blockwise(self, params: Params) -> bool:
+        """Whether a call with ``params`` may run block by block."""
+        return self.blockwise(params) if callable(self.blockwise) else self.blockwise
 
     def resolve(self, shared: Mapping[str, Any], per_source: Sequence[Mapping[str, Any]], where: str) -> Params:
         """Validate raw values against the declared parameters and fill in defaults."""
@@ -243,13 +257,14 @@ def register_operator(
     min_sources: int = 1,
     max_sources: int | None = None,
     stochastic: bool = False,
-    blockwise: bool = False,
+    blockwise: bool | Callable[[Params], bool] = False,
     prepare: PrepareFn | None = None,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Register ``fn`` as the merge operator ``name`` (the decorator form of the registry).
 
-    ``blockwise``: ``fn`` may be called block by block (see the module docstring); ``prepare``
-    then computes the whole-tensor statistics those calls need.
+    ``blockwise``: ``fn`` may be called block by block (see the module docstring), always or for
+    the parameters a predicate accepts; ``prepare`` then computes the whole-tensor statistics
+    those calls need.
     """
     if prepare is not None and not blockwise:
         raise ValueError(f"merge operator '{name}': a prepare hook only serves blockwise operators")
