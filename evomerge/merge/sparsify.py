@@ -212,9 +212,13 @@ def _bits_to_float(bits: int) -> float:
 
 
 def sort_magnitudes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|x| ascending, int32 stable order): the order statistics a search caches per task vector."""
-    values, order = torch.sort(x.abs(), stable=True)
-    return values, order.to(torch.int32)
+    """(|x| ascending, int32 stable order): the order statistics a search caches per task vector.
+
+    Sorts the bit patterns of |x| as int32 — ordered exactly like the floats, NaN last, and ~4×
+    faster to sort on CPU (radix sort).
+    """
+    values, order = torch.sort(_magnitude_bits(x), stable=True)
+    return values.view(torch.float32), order.to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -366,7 +370,7 @@ class KeepBernoulli(Sparsifier):
 
 def della_ranks(mag: torch.Tensor) -> torch.Tensor:
     """Each entry's rank (int32) in the stable ascending order of the 1-D magnitudes ``mag``."""
-    order = torch.argsort(mag, stable=True)
+    order = torch.argsort(mag.view(torch.int32), stable=True)  # non-negative floats sort like their bits
     ranks = torch.empty(mag.numel(), dtype=torch.int32, device=mag.device)
     ranks[order] = torch.arange(mag.numel(), dtype=torch.int32, device=mag.device)
     return ranks
