@@ -169,7 +169,13 @@ class TestTies:
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("seed", range(5))
 def test_consensus_combine_matches_elect_and_agree(normalize, seed):
-    from evomerge.merge.consensus import agreement, combine, elect_sign
+    from evomerge.merge.consensus import combine
+
+    def elect_sign(deltas):  # the textbook definitions, as the reference
+        return torch.where(torch.stack(deltas).sum(dim=0) >= 0, 1.0, -1.0)
+
+    def agreement(delta, sign):
+        return delta * sign > 0
 
     g = torch.Generator()
     g.manual_seed(seed)

@@ -13,22 +13,11 @@ whether it runs eagerly chunk by chunk, on a gathered subset, or compiled into o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from evomerge.merge.chunking import Scratch
-
-
-def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """+1 where Σ deltas ≥ 0, else −1 (float32, the deltas' shape)."""
-    total = torch.stack(list(weighted_deltas)).sum(dim=0)
-    return torch.where(total >= 0, 1.0, -1.0).to(torch.float32)
-
-
-def agreement(weighted_delta: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """True where ``weighted_delta`` is nonzero and has the elected ``sign``."""
-    return weighted_delta * sign > 0
 
 
 def _accumulate(
@@ -89,32 +78,35 @@ def combine(
     if not consensus:
         # one multiply-add per source: never fused (eager is already within 2× of the bandwidth
         # ideal), so its rounding need not match a kernel's
-        total = base
+        acc = base
         for i, (v, m) in enumerate(zip(values, masks)):
             o = out if i == k - 1 else buf("total")
-            total = torch.add(total, v, alpha=s[i], out=o) if m is None else torch.addcmul(total, v, m, value=s[i], out=o)
-        return total
-    total_, spread, positive, negative = None, None, None, None
+            acc = torch.add(acc, v, alpha=s[i], out=o) if m is None else torch.addcmul(acc, v, m, value=s[i], out=o)
+        return acc
+    total: torch.Tensor | None = None
+    spread: torch.Tensor | None = None
+    positive: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
     for i, (v, m) in enumerate(zip(values, masks)):
         d = torch.mul(v, s[i], out=buf("d"))
-        total_ = _accumulate(total_, d, m, None, buf("total"))
+        total = _accumulate(total, d, m, None, buf("total"))
         spread = _accumulate(spread, torch.abs(d, out=buf("abs")), m, None, buf("spread"))
         if normalize:
             w = s[k + i]
             positive = _accumulate(positive, _flag(torch.gt, d, buf("flag")), m, w, buf("positive"))
             negative = _accumulate(negative, _flag(torch.lt, d, buf("flag")), m, w, buf("negative"))
-    assert total_ is not None and spread is not None
-    agreeing = torch.copysign(spread, total_, out=buf("spread"))
-    agreeing = torch.add(agreeing, total_, out=buf("spread"))  # twice the agreeing sum
+    assert total is not None and spread is not None
+    agreeing = torch.copysign(spread, total, out=buf("spread"))
+    agreeing = torch.add(agreeing, total, out=buf("spread"))  # twice the agreeing sum
     factor = s[2 * k]
     if not normalize:
         delta = torch.mul(agreeing, factor * 0.5, out=buf("spread"))
     else:
         assert positive is not None and negative is not None
-        # T < 0 rather than signbit(T): T = −0 only when every dᵢ is ±0, where both sums are 0
-        # the select as exact 0/1 products (torch.where is several times slower on CPU):
-        # positive·(1 − f) + negative·f with f = [T < 0], then 0 → 1
-        elected_negative = _flag(torch.lt, total_, buf("flag"))
+        # positive·(1 − f) + negative·f with f = [T < 0], then 0 → 1: a select as exact 0/1
+        # products (torch.where is ~20× slower on CPU). T < 0 rather than signbit(T) (which
+        # Inductor does not vectorise): T = −0 only when every dᵢ is ±0, where both sums are 0.
+        elected_negative = _flag(torch.lt, total, buf("flag"))
         divisor = torch.mul(positive, torch.sub(1.0, elected_negative, out=buf("abs")), out=buf("positive"))
         divisor = _accumulate(divisor, negative, elected_negative, None, buf("positive"))
         divisor = torch.add(divisor, _flag(torch.eq, divisor, buf("flag")), out=buf("positive"))
@@ -124,6 +116,6 @@ def combine(
     return torch.add(base, delta, out=out)
 
 
-def _flag(compare, d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _flag(compare: Callable[..., torch.Tensor], d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """1.0 where ``compare(d, 0)`` else 0.0 (a float ``out`` is faster than a bool on CPU)."""
     return compare(d, 0, out=out) if out is not None else compare(d, 0).to(torch.float32)

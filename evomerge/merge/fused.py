@@ -5,16 +5,16 @@ cache-sized chunk (5.3× the memory-bandwidth ideal), TIES ~35 (11×). Compiled,
 election run in one loop that reads each input once (1.9× and 3×). Plain sums (task arithmetic,
 DARE linear) are one multiply-add per source and stay eager.
 
-The kernel computes masks from ``MaskRule``s and calls ``consensus.combine``, whose operations each
-round once; Inductor compiles with ``-ffp-contract=off``, so the fused result equals the eager
-result bit for bit. That is what lets a worker use it, an export fall back to eager, and both
+The kernel computes masks from ``MaskRule``s and calls ``consensus.combine``, whose consensus
+arithmetic rounds the same way in any form; Inductor compiles with ``-ffp-contract=off``, so the
+fused result equals the eager result bit for bit. That is what lets a worker use it, an export fall back to eager, and both
 still agree; tests check it. Entries a rule cannot express in-kernel (a magnitude window's tied
 boundary entries, ``MaskRule.drop``) are recomputed on a gathered subset afterwards.
 
 Used only inside ``repeated_merges()`` — the resident merger of a search worker, which merges the
 same tensors thousands of times — on CPU, for tensors of at least ``MIN_NUMEL`` entries (1 MiB of
 float32; test-sized models never pay for a compile). A one-off export stays eager: it is bound by
-reading the files, and importing and compiling would cost it seconds and ~150 MB; being
+reading the files, and importing and compiling cost it 8 s and ~110 MB (TIES, 106 M); being
 bit-identical, it still writes exactly the tensors the search scored.
 ``EVOMERGE_FUSED_KERNELS=off`` turns it off; a failed compile (no C++ compiler, say) logs one
 warning and falls back to eager for the rest of the process.
@@ -64,16 +64,16 @@ def _masks(
 
 
 @functools.cache
-def _kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool) -> Callable[..., None]:
+def _kernel(kinds: tuple[str, ...], normalize: bool) -> Callable[..., None]:
     """The compiled kernel for one structure: ``kernel(dest, base, *taus, *keys, scalars, bounds)``."""
     k = len(kinds)
 
     def kernel(dest: torch.Tensor, base: torch.Tensor, *rest: torch.Tensor) -> None:
         taus, keys, (scalars, bounds) = rest[:k], rest[k : 2 * k], rest[2 * k :]
-        dest.copy_(combine(base, taus, _masks(kinds, taus, keys, bounds), scalars, consensus, normalize))
+        dest.copy_(combine(base, taus, _masks(kinds, taus, keys, bounds), scalars, True, normalize))
 
     # one code object per structure, so each keeps its own compiled-graph cache entry
-    kernel.__code__ = kernel.__code__.replace(co_name=f"fused_{'_'.join(kinds)}_{int(consensus)}{int(normalize)}")
+    kernel.__code__ = kernel.__code__.replace(co_name=f"fused_{'_'.join(kinds)}_{int(normalize)}")
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
@@ -115,12 +115,12 @@ def fused_merge(
     low = [-torch.inf if rule is KEEP_EVERYTHING and kind == "bernoulli" else rule.low for rule, kind in zip(rules, kinds)]
     bounds = torch.tensor([[lo, rule.high] for lo, rule in zip(low, rules)], dtype=torch.float32)
     try:
-        _kernel(kinds, consensus, normalize)(dest, base, *taus, *keys, scalars, bounds)
+        _kernel(kinds, normalize)(dest, base, *taus, *keys, scalars, bounds)
     except Exception as error:  # noqa: BLE001 - any compile failure means: use eager
         _broken.append(f"{type(error).__name__}: {error}".splitlines()[0])
         _log.warning("fused merge kernels unavailable, merging eagerly (%s)", _broken[0])
         return False
-    _recompute_dropped(base, taus, keys, kinds, rules, bounds, scalars, offset, consensus, normalize, dest)
+    _recompute_dropped(base, taus, keys, kinds, rules, bounds, scalars, offset, normalize, dest)
     return True
 
 
@@ -133,7 +133,6 @@ def _recompute_dropped(
     bounds: torch.Tensor,
     scalars: torch.Tensor,
     offset: int,
-    consensus: bool,
     normalize: bool,
     dest: torch.Tensor,
 ) -> None:
@@ -156,4 +155,4 @@ def _recompute_dropped(
     for mask, drop in zip(masks, inside):
         if drop is not None and drop.numel():
             mask[torch.searchsorted(positions, drop)] = 0.0
-    dest[positions] = combine(base[positions], sub_taus, masks, scalars, consensus, normalize)
+    dest[positions] = combine(base[positions], sub_taus, masks, scalars, True, normalize)
