@@ -269,3 +269,118 @@ def test_blend_export_equals_the_scored_model_and_reloads_from_recipe_yaml(famil
         assert torch.equal(written[name], resident[name]), name
     again = load_recipe(folder / "recipe.yaml")
     assert again == child and again.size == size
+
+
+# -- the whole loop: run, kill, resume, export -----------------------------------------------------
+
+NICHE_FITNESS = """
+import os
+import signal
+
+
+def niches(model, tokenizer):
+    # 8 examples: example j is solved when row j of the head sums above the pico family's midpoint
+    calls = int(os.environ.get("NN_TEST_CALLS", "0")) + 1
+    os.environ["NN_TEST_CALLS"] = str(calls)
+    if calls == int(os.environ.get("NN_TEST_KILL_AT", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    rows = model.lm_head.weight.detach().double()[:8].sum(dim=1)
+    scores = [float(v > t) for v, t in zip(rows.tolist(), THRESHOLDS)]
+    return {"solved": sum(scores) / len(scores)}, {"solved": scores}
+"""
+
+
+@pytest.fixture
+def niche_experiment(tmp_path, family, monkeypatch):
+    """An experiment breeding the pico family with a per-example fitness whose niches differ by source."""
+    import yaml
+
+    with ModelPool.open(family, "base") as pool:
+        heads = [pool.tensor(m, "lm_head.weight").double()[:8].sum(dim=1) for m in ("expert_1", "expert_2")]
+    thresholds = ((heads[0] + heads[1]) / 2).tolist()  # each source solves the rows where it is the larger
+    (tmp_path / "niche_fitness.py").write_text(f"THRESHOLDS = {thresholds!r}\n" + NICHE_FITNESS)
+    monkeypatch.setenv("NN_TEST_CALLS", "0")
+    monkeypatch.delenv("NN_TEST_KILL_AT", raising=False)
+    data = {
+        "name": "niches",
+        "seed": 2,
+        "models": dict(family),
+        "base": "base",
+        "search_space": {"kind": "split_point"},
+        "strategy": {"name": "natural_niches", "settings": {"archive_size": 4}},
+        "fitness": {"python": "niche_fitness.py:niches"},
+        "budget": {"evaluations": 14},
+        "checkpoint_every": 3,
+    }
+    path = tmp_path / "niches.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _child(experiment: str, run: str, resume: bool, kill_at: int) -> None:
+    import os
+
+    from evomerge.driver import resume_run, start_run
+
+    os.environ["NN_TEST_KILL_AT"] = str(kill_at)
+    os.environ["NN_TEST_CALLS"] = "0"
+    if resume:
+        resume_run(run, progress=False)
+    else:
+        start_run(experiment, run_dir=run, progress=False)
+
+
+def _killed(experiment, run, *, resume: bool, kill_at: int) -> bool:
+    import multiprocessing
+    import signal
+
+    # spawned, not forked: a forked child deadlocks in the BLAS thread pool its parent already started
+    process = multiprocessing.get_context("spawn").Process(target=_child, args=(str(experiment), str(run), resume, kill_at))
+    process.start()
+    process.join(120)
+    return process.exitcode == -signal.SIGKILL
+
+
+def recorded(run) -> tuple[list, list]:
+    from evomerge.store import RunStore
+
+    with RunStore.open_reader(run) as store:
+        candidates = [(c.ticket, c.proposal.parents, c.proposal.info, c.recipe, c.status) for c in store.candidates()]
+        results = [(r.ticket, r.evaluation.objectives.tobytes(), r.evaluation.per_example.tobytes(), r.evaluation.example_ids)
+                   for r in store.results()]
+    return candidates, results
+
+
+def test_a_niches_run_breeds_blends_resumes_exactly_and_exports(niche_experiment, tmp_path, family):
+    from evomerge.cli import main
+    from evomerge.driver import resume_run, start_run
+    from evomerge.status import run_status
+
+    reference = tmp_path / "reference"
+    start_run(niche_experiment, run_dir=reference, progress=False)
+    candidates, results = recorded(reference)
+    assert [c[2] for c in candidates[:2]] == [{"reference": "expert_1"}, {"reference": "expert_2"}]
+    children = [c for c in candidates if c[1]]
+    assert len(children) == 12 and all(c[3]["kind"] == "blend" for c in children)
+    assert results[0][3] == tuple(f"solved:{i}" for i in range(8))
+    status = run_status(reference)
+    archive = status["archive"]
+    assert len(archive["members"]) == 4 and 0 < archive["coverage"] <= 1.0
+    assert {m["candidate"] for m in archive["members"]} <= {c[0] for c in candidates}
+
+    run = tmp_path / "killed"
+    assert _killed(niche_experiment, run, resume=False, kill_at=2)  # during the second seed
+    assert _killed(niche_experiment, run, resume=True, kill_at=6)  # mid-breeding, after a checkpoint
+    resume_run(run, progress=False)
+    assert recorded(run) == (candidates, results)
+
+    child = children[-1][0]
+    out = tmp_path / "export"
+    assert main(["export", str(reference), "--candidate", str(child), "--out", str(out), "--quiet"]) == 0
+    again = tmp_path / "again"
+    assert main(["merge", str(out / "recipe.yaml"), "--out", str(again), "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    first = {k: v for shard in out.glob("*.safetensors") for k, v in load_file(shard).items()}
+    second = {k: v for shard in again.glob("*.safetensors") for k, v in load_file(shard).items()}
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

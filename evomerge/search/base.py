@@ -124,6 +124,17 @@ class Strategy(ABC):
             else:
                 self.tell(event)
 
+    @classmethod
+    def summarize(
+        cls, settings: StrategySettings, told: list[Evaluation], parents: dict[int, tuple[int, ...]]
+    ) -> dict[str, Any] | None:
+        """Strategy-specific state for ``status`` and reports, rebuilt from a run's records alone.
+
+        ``told``: the validation results in the order they were told; ``parents``: each candidate's
+        parents. None when the strategy has nothing to add (the default).
+        """
+        return None
+
     def worst_seen(self) -> np.ndarray | None:
         """Per objective, the worst (lowest) value told so far; None before any success."""
         return None if np.isinf(self._worst).any() else self._worst.copy()

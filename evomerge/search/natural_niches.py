@@ -75,6 +75,37 @@ def parent_b_probabilities(shared: np.ndarray, a: int) -> np.ndarray:
     return uniform
 
 
+class NicheArchive:
+    """The archive's update rule alone (reference code: ``update_archive``).
+
+    It depends only on the order results are told, not on the strategy's random draws, so
+    ``status`` and reports rebuild the archive of any run from its stored results.
+    """
+
+    def __init__(self, size: int, alpha: float) -> None:
+        self.size = size
+        self.alpha = alpha
+        self.members: list[int] = []
+        self.scores = np.zeros((0, 0))
+
+    def add(self, ticket: int, scores: np.ndarray) -> bool:
+        """Offer a child; returns whether it entered the archive."""
+        if len(self.members) < self.size:  # empty slots (score 0) lose to any child
+            self.members.append(ticket)
+            self.scores = scores[None, :] if self.scores.size == 0 else np.vstack([self.scores, scores])
+            return True
+        fitness, _ = shared_fitness(np.vstack([self.scores, scores]), self.alpha)  # over archive ∪ {child}
+        worst = int(np.argmin(fitness))  # the child replaces the worst member; a worst child is dropped
+        if worst == len(self.members):
+            return False
+        self.members[worst] = ticket
+        self.scores[worst] = scores
+        return True
+
+    def fitness(self) -> np.ndarray:
+        return shared_fitness(self.scores, self.alpha)[0] if self.members else np.zeros(0)
+
+
 @register_strategy("natural_niches")
 class NaturalNiches(Strategy):
     """M2N2 over a space that derives children from parents (``kind: split_point``).
@@ -118,26 +149,49 @@ class NaturalNiches(Strategy):
         self._seeds = seeds
         self._asked_seeds = 0
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
-        self._members: list[int] = []
-        self._scores = np.zeros((0, 0))
+        self._archive = NicheArchive(s.archive_size, s.alpha)
         self._ids: tuple[str, ...] | None = None
 
     @property
     def archive(self) -> list[tuple[int, float]]:
         """(ticket, shared fitness) of every member, in archive slot order."""
-        if not self._members:
-            return []
-        fitness, _ = shared_fitness(self._scores, self.settings.alpha)
-        return list(zip(self._members, fitness.tolist()))
+        return list(zip(self._archive.members, self._archive.fitness().tolist()))
 
-    @property
-    def scores(self) -> np.ndarray:
-        """The members' per-example scores (members × examples)."""
-        return self._scores.copy()
+    @classmethod
+    def summarize(
+        cls, settings: StrategySettings, told: list[Evaluation], parents: dict[int, tuple[int, ...]]
+    ) -> dict[str, Any] | None:
+        """The archive rebuilt from the run's results: members, fitness, accuracy, coverage, lineage."""
+        assert isinstance(settings, cls.Settings)
+        archive = NicheArchive(settings.archive_size, settings.alpha)
+        for evaluation in told:
+            if not evaluation.failed and evaluation.per_example is not None:
+                archive.add(evaluation.ticket, np.asarray(evaluation.per_example, dtype=np.float64).reshape(-1))
+        if not archive.members:
+            return None
+        depth: dict[int, int] = {}
+
+        def generation(ticket: int) -> int:
+            if ticket not in depth:
+                depth[ticket] = 1 + max((generation(p) for p in parents.get(ticket, ())), default=-1)
+            return depth[ticket]
+
+        members = [
+            {
+                "candidate": ticket,
+                "fitness": round(float(f), 6),
+                "accuracy": round(float(row.mean()), 6),
+                "parents": list(parents.get(ticket, ())),
+                "generation": generation(ticket),
+            }
+            for ticket, f, row in zip(archive.members, archive.fitness(), archive.scores)
+        ]
+        coverage = float(archive.scores.max(axis=0).mean())
+        return {"archive": {"members": members, "coverage": round(coverage, 6), "examples": int(archive.scores.shape[1])}}
 
     def can_ask(self) -> bool:
         """Seeds first; children once two members exist (a single survivor has no one to mate with)."""
-        return self._asked_seeds < len(self._seeds) or len(self._members) >= 2
+        return self._asked_seeds < len(self._seeds) or len(self._archive.members) >= 2
 
     def _propose(self, ticket: int) -> Proposal:
         if self._asked_seeds < len(self._seeds):
@@ -145,23 +199,24 @@ class NaturalNiches(Strategy):
             self._asked_seeds += 1
             reference = self.layout.reference(name)
             return Proposal(ticket, reference.genome, info={"reference": name})
-        if len(self._members) < 2:
+        members = self._archive.members
+        if len(members) < 2:
             raise ConfigError(
-                f"strategy natural_niches: only {len(self._members)} seed model(s) were evaluated successfully; "
+                f"strategy natural_niches: only {len(members)} seed model(s) were evaluated successfully; "
                 "the archive needs 2 to breed (see the failed candidates with `evomerge status`)"
             )
         a, b = self._parents()
         if not self.settings.crossover:
-            return Proposal(ticket, None, parents=(self._members[a],))
+            return Proposal(ticket, None, parents=(members[a],))
         split = float(self._rng.random()) if self.settings.split_point else 1.0  # §"dynamic merging boundaries"
         ratio = float(self._rng.random())  # w ~ U(0, 1); t = w before the split, 1 − w after
         genome = np.array([split, ratio])
-        return Proposal(ticket, genome, parents=(self._members[a], self._members[b]))
+        return Proposal(ticket, genome, parents=(members[a], members[b]))
 
     def _parents(self) -> tuple[int, int]:
         """Archive slots of parents A and B (reference code: ``sample_parents``)."""
-        fitness, shared = shared_fitness(self._scores, self.settings.alpha)
-        n = len(self._members)
+        fitness, shared = shared_fitness(self._archive.scores, self.settings.alpha)
+        n = len(self._archive.members)
         p = parent_a_probabilities(fitness)
         if not self.settings.attraction:
             a, b = self._rng.choice(n, size=2, p=p)  # GA: both ∝ fitness, with replacement
@@ -172,17 +227,7 @@ class NaturalNiches(Strategy):
     def _observe(self, proposal: Proposal, evaluation: Evaluation) -> None:
         if evaluation.failed:
             return
-        scores = self._checked_scores(evaluation)
-        if len(self._members) < self.settings.archive_size:
-            self._members.append(evaluation.ticket)
-            self._scores = scores[None, :] if self._scores.size == 0 else np.vstack([self._scores, scores])
-            return
-        extended = np.vstack([self._scores, scores])
-        fitness, _ = shared_fitness(extended, self.settings.alpha)  # over archive ∪ {child}
-        worst = int(np.argmin(fitness))  # the child replaces the worst member; a worst child is dropped
-        if worst < len(self._members):
-            self._members[worst] = evaluation.ticket
-            self._scores[worst] = scores
+        self._archive.add(evaluation.ticket, self._checked_scores(evaluation))
 
     def _checked_scores(self, evaluation: Evaluation) -> np.ndarray:
         if evaluation.per_example is None or evaluation.example_ids is None:
@@ -204,14 +249,14 @@ class NaturalNiches(Strategy):
         return {
             "rng": self._rng.bit_generator.state,
             "asked_seeds": self._asked_seeds,
-            "members": list(self._members),
-            "scores": self._scores,
+            "members": list(self._archive.members),
+            "scores": self._archive.scores,
             "ids": None if self._ids is None else list(self._ids),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
         self._rng.bit_generator.state = state["rng"]
         self._asked_seeds = int(state["asked_seeds"])
-        self._members = [int(t) for t in state["members"]]
-        self._scores = np.asarray(state["scores"], dtype=np.float64)
+        self._archive.members = [int(t) for t in state["members"]]
+        self._archive.scores = np.asarray(state["scores"], dtype=np.float64)
         self._ids = None if state["ids"] is None else tuple(state["ids"])
