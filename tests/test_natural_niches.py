@@ -368,6 +368,14 @@ def test_a_niches_run_breeds_blends_resumes_exactly_and_exports(niche_experiment
     assert len(archive["members"]) == 4 and 0 < archive["coverage"] <= 1.0
     assert {m["candidate"] for m in archive["members"]} <= {c[0] for c in candidates}
 
+    assert main(["front", str(reference)]) == 0
+    page = (reference / "report" / "index.html")
+    assert main(["report", str(reference)]) == 0 and page.is_file()
+    text = page.read_text()
+    assert "<h2>Archive</h2>" in text and "blend weights along the parameter order" in text
+    for member in archive["members"]:
+        assert f"#{member['candidate']}" in text
+
     run = tmp_path / "killed"
     assert _killed(niche_experiment, run, resume=False, kill_at=2)  # during the second seed
     assert _killed(niche_experiment, run, resume=True, kill_at=6)  # mid-breeding, after a checkpoint
