@@ -23,8 +23,7 @@ from evomerge.inspection.front import FrontMember, pareto_front
 from evomerge.inspection.recipe_grid import coefficient_grid
 from evomerge.inspection.run_view import RunView
 from evomerge.recipe import recipe_from_dict
-
-REPORT_DIR = "report"
+from evomerge.store.run_files import REPORT_DIR
 
 
 @dataclass
