@@ -9,6 +9,8 @@ replay the asks and results recorded after it (the strategy re-derives the same 
 checks them bit for bit), re-queue the candidates that were in flight. With a deterministic
 strategy and fitness, a resumed run ends with the same candidates and results as an uninterrupted
 one. A checkpoint holds the strategy state and the driver's active time (for a minutes budget).
+``resume`` first checks that the source models are those the run started with (fingerprints
+recorded at the start) and that the fitness measures the same.
 
 At the end (budget spent, nothing in flight) the best candidate is scored on the held-out split
 (recorded in the store as split ``test``) and compared with each source model, the base and the

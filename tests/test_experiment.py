@@ -280,7 +280,6 @@ def test_loading_never_builds_the_zoo_and_run_set_up_does(folder, pico_family, m
     """``load_experiment`` and ``evomerge space`` (a preview) never build a zoo: a missing or outdated
     one is a one-line error saying how to build it. ``prepare_zoo`` (what ``run`` calls) builds it."""
     import evomerge.zoo.build as zoo_build
-    from evomerge.experiment import prepare_zoo
     from evomerge.zoo.spec import load_spec, spec_hash
 
     default = Path(zoo_build.__file__).parent / "default.yaml"
@@ -300,6 +299,8 @@ def test_loading_never_builds_the_zoo_and_run_set_up_does(folder, pico_family, m
         "(`evomerge run` builds it too)\n"
     )
     assert calls == [] and not built.exists()
+
+    from evomerge.experiment import prepare_zoo
 
     prepare_zoo(path)
     assert calls == [(default, built)]

@@ -164,7 +164,8 @@ def test_a_file_fitness_is_identified_by_its_whole_module_and_version(tmp_path):
 
     def spec_hash(scale: float, version: str | None = None) -> str:
         module.write_text(source.format(scale))
-        return build_fitness(CallableFitnessConfig(python=f"{module}:score", version=version)).spec_hash()
+        given = {} if version is None else {"version": version}
+        return build_fitness(CallableFitnessConfig(python=f"{module}:score", **given)).spec_hash()
 
     assert spec_hash(1.0) != spec_hash(100.0) and spec_hash(1.0) == spec_hash(1.0)
     assert spec_hash(1.0, version="2") != spec_hash(1.0) and spec_hash(1.0, version="2") == spec_hash(1.0, "2")

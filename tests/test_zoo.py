@@ -243,8 +243,6 @@ def test_build_writes_only_into_an_empty_folder_or_a_zoo(tmp_path: Path, monkeyp
     """A folder holding anything but a zoo is refused before any training (its ``fitness/`` and a
     folder named like a zoo model included); in a zoo, a rebuild keeps the user's own files; an
     interrupted build is still recognised as a zoo (its marker) and finished by the next build."""
-    from evomerge.zoo.folder import BUILD_MARKER
-
     mine = tmp_path / "mine"
     for name in ("thesis.tex", "fitness/my_task.yaml", "base/notes.txt"):
         (mine / name).parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +259,8 @@ def test_build_writes_only_into_an_empty_folder_or_a_zoo(tmp_path: Path, monkeyp
     file.write_text("x")
     with pytest.raises(ConfigError, match=f"{file}: zoo folder exists and is not a folder"):
         build_zoo(tiny_spec(), file)
+
+    from evomerge.zoo.folder import BUILD_MARKER
 
     monkeypatch.setattr(build_mod, "_build", real_build)
     out = tmp_path / "zoo"
