@@ -9,6 +9,8 @@ replay the asks and results recorded after it (the strategy re-derives the same 
 checks them bit for bit), re-queue the candidates that were in flight. With a deterministic
 strategy and fitness, a resumed run ends with the same candidates and results as an uninterrupted
 one. A checkpoint holds the strategy state and the driver's active time (for a minutes budget).
+``resume`` first checks that the source models are those the run started with (fingerprints
+recorded at the start) and that the fitness measures the same.
 
 At the end (budget spent, nothing in flight) the best candidate is scored on the held-out split
 (recorded in the store as split ``test``) and compared with each source model, the base and the
@@ -21,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -36,9 +37,10 @@ import yaml
 from evomerge import __version__
 from evomerge.display import LiveProgress, print_summary
 from evomerge.errors import ConfigError
-from evomerge.experiment import Experiment, load_experiment
+from evomerge.experiment import Experiment, load_experiment, prepare_zoo
 from evomerge.fitness.base import canonical_hash
 from evomerge.fitness.spec import AGGREGATE
+from evomerge.pool.fingerprint import ModelFingerprint, check_unchanged, fingerprint_models
 from evomerge.recipe import Blueprint, Recipe, recipe_from_dict
 from evomerge.runtime import Executor, Job, Outcome, build_executor, with_ray_address
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy, get_strategy
@@ -46,10 +48,10 @@ from evomerge.spaces import SearchSpace
 from evomerge.spaces.preview import experiment_space
 from evomerge.status import SUMMARY_FILE, WORKERS_FILE, read_summary
 from evomerge.store import DB_NAME, CandidateRecord, RunStore, StoreError
-from evomerge.store.lock import LOCK_NAME, RunLock
+from evomerge.store.lock import LOCK_NAME
+from evomerge.store.run_files import EXPERIMENT_FILE, check_replaceable, clear_run
 
-EXPERIMENT_FILE = "experiment.yaml"
-METADATA_FORMAT = 1
+METADATA_FORMAT = 2
 
 
 def recipe_hash(recipe_json: str) -> str:
@@ -57,9 +59,13 @@ def recipe_hash(recipe_json: str) -> str:
     return hashlib.blake2b(recipe_json.encode(), digest_size=16).hexdigest()
 
 
-def fitness_hash(description: Mapping[str, Any], objectives: list[str]) -> str:
-    """The cache key of a fitness: what it measures and which objectives the strategy is told."""
-    return canonical_hash({"fitness": dict(description), "objectives": list(objectives)})
+def fitness_hash(
+    description: Mapping[str, Any], objectives: list[str], fingerprints: Mapping[str, ModelFingerprint]
+) -> str:
+    """The cache key of a fitness: what it measures, which objectives the strategy is told, and the
+    content of the models it scores merges of (a recipe names models by path only)."""
+    models = {name: fingerprint.digest for name, fingerprint in fingerprints.items()}
+    return canonical_hash({"fitness": dict(description), "objectives": list(objectives), "models": models})
 
 
 class Objectives:
@@ -107,14 +113,18 @@ class Session:
     strategy: Strategy
     executor: Executor
     objectives: Objectives
+    fingerprints: dict[str, ModelFingerprint]
     fitness_hash: str
 
     def close(self) -> None:
         self.executor.close()
 
 
-def prepare(experiment: Experiment) -> Session:
-    """Open the pool, build space and strategy, start the executor; any mistake is a one-line error."""
+def prepare(experiment: Experiment, fingerprints: dict[str, ModelFingerprint] | None = None) -> Session:
+    """Open the pool, build space and strategy, start the executor; any mistake is a one-line error.
+
+    ``fingerprints``: the models' fingerprints if already taken (else they are taken here)."""
+    fingerprints = fingerprint_models(experiment.models) if fingerprints is None else fingerprints
     space = experiment_space(experiment)
     cls = get_strategy(experiment.strategy.name, f"{experiment.source}: strategy.name")
     if cls.breeds and not space.derives:
@@ -139,7 +149,8 @@ def prepare(experiment: Experiment) -> Session:
         executor.close()
         raise
     objectives = Objectives(experiment.objectives)
-    return Session(experiment, space, strategy, executor, objectives, fitness_hash(description, objectives.names))
+    digest = fitness_hash(description, objectives.names, fingerprints)
+    return Session(experiment, space, strategy, executor, objectives, fingerprints, digest)
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -155,15 +166,20 @@ def start_run(
     overwrite: bool = False,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Validate and prepare the experiment, create its run directory, search, summarize.
+    """Build the experiment's zoo if it has one and it is not ready, validate and prepare the
+    experiment, create its run directory, search, summarize.
 
     Nothing is written before everything is validated and loaded: a refused experiment leaves no
     run directory behind, and ``overwrite`` deletes an earlier run only once the new one is ready
-    to start (never one a live driver holds). Returns the summary (also in ``RUN_DIR/summary.json``).
+    to start, and only what a run wrote (``RUN_FILES``) in a folder that holds an evomerge run or
+    nothing (never one a live driver holds). Returns the summary (also in ``RUN_DIR/summary.json``).
     """
+    prepare_zoo(experiment_path)
     experiment = with_ray_address(load_experiment(experiment_path, run_dir=run_dir, budget=budget, seed=seed), ray_address)
     folder = Path(experiment.run_dir)
-    if (folder / DB_NAME).exists() and not overwrite:
+    if overwrite:
+        check_replaceable(folder)
+    elif (folder / DB_NAME).exists():
         raise StoreError(
             f"{folder}: already holds a run; resume it with `evomerge resume {folder}`, "
             "pass --overwrite to replace it, or choose a new run directory"
@@ -171,7 +187,7 @@ def start_run(
     session = prepare(experiment)
     try:
         if overwrite and folder.is_dir():
-            _clear_run(folder)
+            clear_run(folder)
         store = _create_store(folder, session)
         with store:
             (folder / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment.snapshot(), sort_keys=False))
@@ -188,14 +204,19 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, ray_address: str |
     with RunStore.open(folder) as store:
         metadata = store.metadata
         if metadata.get("format") != METADATA_FORMAT:
-            raise StoreError(f"{folder}: run metadata format {metadata.get('format')!r} is not supported")
+            raise StoreError(
+                f"{folder}: run metadata format {metadata.get('format')!r} is not supported (this evomerge writes "
+                f"{METADATA_FORMAT}: runs record their models' fingerprints); finish it with the evomerge that started it"
+            )
         experiment = with_ray_address(Experiment.from_snapshot(metadata["experiment"], str(folder / EXPERIMENT_FILE)), ray_address)
         summary = read_summary(folder)
         if summary is not None:
             if progress:
                 print_summary(summary)
             return summary
-        session = prepare(experiment)
+        fingerprints = fingerprint_models(experiment.models)
+        check_unchanged(metadata["fingerprints"], fingerprints, experiment.models, str(folder))
+        session = prepare(experiment, fingerprints)
         try:
             if session.fitness_hash != metadata["fitness_hash"]:
                 raise ConfigError(
@@ -209,21 +230,6 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, ray_address: str |
             session.close()
 
 
-def _clear_run(folder: Path) -> None:
-    """Empty ``folder`` under its run lock, so a run still being driven is refused, not deleted."""
-    lock = RunLock.acquire(folder)
-    try:
-        for path in folder.iterdir():
-            if path.name == LOCK_NAME:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    finally:
-        lock.release()
-
-
 def _create_store(folder: Path, session: Session) -> RunStore:
     experiment = session.experiment
     metadata = {
@@ -233,6 +239,7 @@ def _create_store(folder: Path, session: Session) -> RunStore:
         "experiment": experiment.snapshot(),
         "objectives": session.objectives.names,
         "fitness_hash": session.fitness_hash,
+        "fingerprints": {name: fingerprint.to_json() for name, fingerprint in session.fingerprints.items()},
         "dimension": session.space.dimension,
         "gene_names": session.space.gene_names,
         "layout": session.space.layout.describe(),
@@ -241,7 +248,7 @@ def _create_store(folder: Path, session: Session) -> RunStore:
     try:
         return RunStore.create(folder, metadata)
     except BaseException:
-        if not existed and folder.is_dir() and not any(p.name != ".lock" for p in folder.iterdir()):
+        if not existed and folder.is_dir() and not any(p.name != LOCK_NAME for p in folder.iterdir()):
             for path in folder.iterdir():
                 path.unlink()
             folder.rmdir()
@@ -457,7 +464,7 @@ class Driver:
             label = f"best merge (#{best.ticket})"
             record = self.store.candidate(best.ticket)
             outcome = self._evaluate(Job(best.ticket, self._stored_recipe(record), split))
-            if split == "test" and not any(r.ticket == best.ticket for r in self.store.results("test")):
+            if split == "test" and not any(r.ticket == best.ticket and r.ok for r in self.store.results("test")):
                 self._record_heldout(best.ticket, outcome)
             rows.append(_row(label, "best", outcome))
             for key, recipe in reference_recipes(experiment).items():
@@ -491,7 +498,7 @@ class Driver:
         self.store.add_result(
             evaluation,
             split="test",
-            fitness_hash=fitness_hash(description, self.session.objectives.names),
+            fitness_hash=fitness_hash(description, self.session.objectives.names, self.session.fingerprints),
             worker=outcome.worker,
             started=outcome.started,
             timings=outcome.timings,

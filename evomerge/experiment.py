@@ -4,7 +4,7 @@ Example (``experiments/demo.yaml``)::
 
     name: demo
     seed: 0
-    zoo: {spec: default}                 # optional: build the zoo first if missing or outdated
+    zoo: {spec: default}                 # optional: `run` builds the zoo first if missing or outdated
     models:                              # name -> local folder (relative to this file) or zoo:<model>
       base: zoo:base
       skill: zoo:skill_add_a
@@ -54,7 +54,8 @@ class _Strict(BaseModel):
 
 
 class ZooConfig(_Strict):
-    """Build the zoo before the run (cached by the spec's hash, so a built zoo costs nothing)."""
+    """The zoo the models come from: ``run`` builds it first if missing or outdated (cached by the
+    spec's hash, so a built zoo costs nothing); other commands only check that it is ready."""
 
     spec: str = Field(default="default", description="zoo spec YAML (relative to the experiment) or 'default'")
     dir: str | None = Field(default=None, description=f"zoo folder; default ${ZOO_ENV} or {DEFAULT_ZOO_DIR}")
@@ -116,11 +117,15 @@ class ExecutorConfig(_Strict):
 
 
 class CallableFitnessConfig(_Strict):
-    """A Python function ``fn(model, tokenizer)`` as the fitness (tests, non-LLM scorers)."""
+    """A Python function ``fn(model, tokenizer)`` as the fitness (tests, non-LLM scorers).
+
+    It is identified by its name, its module file's content and ``version``: bump ``version`` when
+    a helper it imports from another module changes what it measures."""
 
     python: str = Field(description="'package.module:function' or 'path/to/file.py:function'")
     weights: dict[str, float] | None = None
     directions: dict[str, Literal["maximize", "minimize"]] | None = None
+    version: str | None = Field(default=None, description="your version of the function and what it imports")
 
     @field_validator("python")
     @classmethod
@@ -249,22 +254,14 @@ def load_experiment(
     """Read, validate and resolve an experiment file, applying command-line overrides.
 
     ``seed`` replaces the experiment's seed and the strategy's (the search follows the command
-    line); ``budget`` replaces ``budget.evaluations``; ``run_dir`` the run directory. With a ``zoo``
-    section the zoo is built first if missing or built from another spec.
+    line); ``budget`` replaces ``budget.evaluations``; ``run_dir`` the run directory. Loading has
+    no side effects: with a ``zoo`` section the zoo must already be built from its spec (else a
+    one-line error says how to build it); ``prepare_zoo`` builds it, as ``evomerge run`` does.
     """
-    path = Path(path)
-    source = str(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    spec = validate(ExperimentFile, data, source)
-    here = path.resolve().parent
+    spec, here, source = _read(path)
     strategy = spec.strategy if seed is None else spec.strategy.model_copy(update={"seed": None})
     budget_config = spec.budget if budget is None else _budget(spec.budget, budget, source)
-    fitness = _parse_fitness(_resolve_fitness_paths(spec.fitness, here), source, "fitness")
-    objectives = _checked_objectives(spec.objectives, fitness, source)
-    heldout = _heldout(spec.heldout, spec.fitness, here, source)
-    search_space = _inline_space(spec.search_space, here, source)
+    fitness, objectives, heldout, search_space = _resolved_parts(spec, here, source)
     models = _resolve_models(spec, here, source)
     return Experiment(
         name=spec.name,
@@ -282,6 +279,37 @@ def load_experiment(
         run_dir=str(_run_dir(run_dir, spec, here)),
         source=source,
     )
+
+
+def prepare_zoo(path: str | Path) -> None:
+    """Build the zoo of the experiment file's ``zoo`` section if it is missing or was built from
+    another spec (``evomerge run`` does this before ``load_experiment``). The rest of the file is
+    validated first, so a mistake is reported before a long build; the build refuses a folder that
+    is neither empty nor a zoo."""
+    spec, here, source = _read(path)
+    if spec.zoo is None:
+        return
+    _resolved_parts(spec, here, source)
+    _build_zoo(spec.zoo, zoo_folder(spec.zoo, here), here, source)
+
+
+def _read(path: str | Path) -> tuple[ExperimentFile, Path, str]:
+    path = Path(path)
+    source = str(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return validate(ExperimentFile, data, source), path.resolve().parent, source
+
+
+def _resolved_parts(
+    spec: ExperimentFile, here: Path, source: str
+) -> tuple[FitnessConfig, list[str], FitnessConfig | None, dict[str, Any]]:
+    """Fitness, objectives, held-out fitness and the inlined search space, checked."""
+    fitness = _parse_fitness(_resolve_fitness_paths(spec.fitness, here), source, "fitness")
+    objectives = _checked_objectives(spec.objectives, fitness, source)
+    heldout = _heldout(spec.heldout, spec.fitness, here, source)
+    return fitness, objectives, heldout, _inline_space(spec.search_space, here, source)
 
 
 def _budget(config: BudgetConfig, evaluations: int, source: str) -> BudgetConfig:
@@ -378,7 +406,7 @@ def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, 
     uses_zoo = any(path.startswith(ZOO_PREFIX) for path in spec.models.values())
     zoo = zoo_folder(spec.zoo, here)
     if spec.zoo is not None:
-        _build_zoo(spec.zoo, zoo, here, source)
+        _check_zoo_ready(spec.zoo, zoo, here, source)
     index = _zoo_index(zoo) if uses_zoo else None
     models = {}
     for name, path in spec.models.items():
@@ -392,14 +420,31 @@ def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, 
     return models
 
 
+def _zoo_spec(config: ZooConfig, here: Path, source: str) -> Path:
+    path = Path(__file__).parent / "zoo" / "default.yaml" if config.spec == "default" else here / config.spec
+    if not path.is_file():
+        raise ConfigError(f"{source}: zoo.spec: file not found: {path}")
+    return path
+
+
 def _build_zoo(config: ZooConfig, zoo: Path, here: Path, source: str) -> None:
     """Build (or reuse) the zoo; imported here so that experiments without a zoo never load its code."""
     from evomerge.zoo import build as zoo_build
 
-    spec_path = Path(zoo_build.__file__).parent / "default.yaml" if config.spec == "default" else here / config.spec
-    if not spec_path.is_file():
-        raise ConfigError(f"{source}: zoo.spec: file not found: {spec_path}")
-    zoo_build.build_zoo(spec_path, zoo)
+    zoo_build.build_zoo(_zoo_spec(config, here, source), zoo)
+
+
+def _check_zoo_ready(config: ZooConfig, zoo: Path, here: Path, source: str) -> None:
+    """A one-line error saying how to build the zoo, unless it is built from the section's spec."""
+    from evomerge.zoo.folder import INDEX_FILE, cached_index
+    from evomerge.zoo.spec import load_spec, spec_hash
+
+    spec_path = _zoo_spec(config, here, source)
+    if cached_index(zoo, spec_hash(load_spec(spec_path))) is not None:
+        return
+    state = "missing" if not (zoo / INDEX_FILE).is_file() else "built from another spec or incomplete"
+    command = f"evomerge zoo build --out {zoo}" + ("" if config.spec == "default" else f" --spec {spec_path}")
+    raise ConfigError(f"{source}: zoo: {zoo} is {state}; build it with `{command}` (`evomerge run` builds it too)")
 
 
 def _zoo_index(zoo: Path) -> Any:

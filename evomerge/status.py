@@ -17,9 +17,8 @@ import numpy as np
 from rich.console import Console
 
 from evomerge.store import RunStore
+from evomerge.store.run_files import SUMMARY_FILE, WORKERS_FILE
 
-SUMMARY_FILE = "summary.json"
-WORKERS_FILE = "workers.json"
 PAUSE_FACTOR = 20.0
 PAUSE_MIN_SECONDS = 60.0
 
@@ -43,7 +42,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         metadata = store.metadata
         names = list(metadata["objectives"])
         results = store.results()
-        heldout = {r.ticket: r for r in store.results("test")}
+        heldout = {r.ticket: r for r in store.results("test") if r.ok}
         counts = store.counts()
         candidates = store.count()
         best = store.best()

@@ -151,3 +151,22 @@ class TestSpec:
     def test_lm_eval_fitness_rejects_bad_spec_before_touching_disk(self):
         with pytest.raises(ConfigError, match="fitness: tasks: Input should be a valid list"):
             LmEvalFitness({"include_path": "/nonexistent", "tasks": "t"})
+
+
+def test_a_file_fitness_is_identified_by_its_whole_module_and_version(tmp_path):
+    """Two modules differing only in a constant the function reads are two fitnesses; so are two
+    ``version:`` strings (for helpers imported from elsewhere); the same file is the same fitness."""
+    from evomerge.experiment import CallableFitnessConfig
+    from evomerge.runtime.worker import build_fitness
+
+    module = tmp_path / "scale.py"
+    source = "SCALE = {}\n\n\ndef score(model, tokenizer):\n    return {{'x': SCALE * sum(model)}}\n"
+
+    def spec_hash(scale: float, version: str | None = None) -> str:
+        module.write_text(source.format(scale))
+        given = {} if version is None else {"version": version}
+        return build_fitness(CallableFitnessConfig(python=f"{module}:score", **given)).spec_hash()
+
+    assert spec_hash(1.0) != spec_hash(100.0) and spec_hash(1.0) == spec_hash(1.0)
+    assert spec_hash(1.0, version="2") != spec_hash(1.0) and spec_hash(1.0, version="2") == spec_hash(1.0, "2")
+    assert build_fitness(CallableFitnessConfig(python=f"{module}:score")).evaluate([1.0, 2.0], None).objectives["x"] == 3.0

@@ -28,7 +28,7 @@ from evomerge.inspection.report import write_report
 from evomerge.recipe import recipe_from_dict
 from evomerge.recipe.mergekit_config import recipe_from_mergekit
 from evomerge.recipe.mergekit_export import recipe_to_mergekit
-from evomerge.status import SUMMARY_FILE
+from evomerge.status import SUMMARY_FILE, run_status
 from evomerge.store import RunStore, StoreError
 from evomerge.store.lock import RunLock
 
@@ -55,6 +55,8 @@ def two(model, tokenizer):
 
 def two_test(model, tokenizer):
     _count()
+    if os.path.exists(os.environ.get("INSPECTION_HELDOUT_FAILS", "")):
+        raise MemoryError("CUDA out of memory (a transient failure)")
     x, h = _features(model)
     return {"left": -abs(x + 2.40), "right": -abs(h - 0.45)}
 """
@@ -301,6 +303,40 @@ def test_evaluate_scores_the_front_once_and_stores_it(make_run, calls, capsys):
         lock.release()
     assert cli.main(["evaluate", str(run)]) == 2
     assert capsys.readouterr().err == "error: evaluate: give --front and/or --candidate ID\n"
+
+
+def test_a_failed_heldout_evaluation_is_retried(make_run, tmp_path, calls, capsys, monkeypatch):
+    """A held-out evaluation that failed (say, out of memory) stays recorded, and the next
+    ``evaluate`` — or the end-of-run summary of a resumed run — scores the candidate again."""
+    from evomerge.driver import resume_run
+
+    flag = tmp_path / "heldout-fails"
+    monkeypatch.setenv("INSPECTION_HELDOUT_FAILS", str(flag))
+    flag.touch()
+    run = make_run(budget=6)
+    with RunStore.open_reader(run) as store:
+        best = store.best().ticket
+        ((failed_at_end,),) = [store.results("test")]
+    assert failed_at_end.ticket == best and not failed_at_end.ok
+    assert failed_at_end.error == "MemoryError: CUDA out of memory (a transient failure)"
+    other = next(t for t in range(6) if t != best)
+    assert evaluate_candidates(run, candidates=[other]) == {other: None}
+
+    flag.unlink()
+    (run / SUMMARY_FILE).unlink()  # as if killed before the summary was written
+    summary = resume_run(run, progress=False)
+    with RunStore.open_reader(run) as store:
+        tests = [(r.ticket, r.ok) for r in store.results("test")]
+    assert tests == [(best, False), (other, False), (best, True)]
+    assert summary["rows"][0]["error"] is None and run_status(run)["best"]["heldout"] is not None
+
+    before = len(calls.read_text())
+    assert cli.main(["evaluate", str(run), "--candidate", str(other), "--candidate", str(best)]) == 0
+    assert len(calls.read_text()) - before == 1  # only the failed one is scored again
+    with RunStore.open_reader(run) as store:
+        tests = [(r.ticket, r.ok) for r in store.results("test")]
+    assert tests == [(best, False), (other, False), (best, True), (other, True)]
+    assert RunView.load(run).heldout(other) is not None
 
 
 def test_exported_candidate_scores_the_same_in_the_lm_eval_cli(pico_family, tmp_path):

@@ -115,6 +115,65 @@ def test_results_are_append_only(tmp_path):
     raw.close()
 
 
+def test_heldout_results_may_be_retried_until_one_succeeds(tmp_path):
+    """A failed held-out (test) result does not block a later attempt; a successful one does, and a
+    candidate keeps exactly one validation result."""
+    with RunStore.create(tmp_path / "run") as store:
+        store.add_candidate(_proposal(0, [0.5]))
+        store.add_result(Evaluation(0, np.array([1.0])))
+        store.add_result(Evaluation.failure(0, 1), split="test", error="OutOfMemoryError: CUDA out of memory")
+        store.add_result(Evaluation.failure(0, 1), split="test", error="worker lost")
+        store.add_result(Evaluation(0, np.array([0.5])), split="test")
+        with pytest.raises(ValueError, match="ticket 0 already has a test result"):
+            store.add_result(Evaluation(0, np.array([0.6])), split="test")
+        with pytest.raises(ValueError, match="ticket 0 already has a validation result"):
+            store.add_result(Evaluation.failure(0, 1))
+        assert [(r.ok, r.error) for r in store.results("test")] == [
+            (False, "OutOfMemoryError: CUDA out of memory"), (False, "worker lost"), (True, None)
+        ]
+
+
+def _as_schema_1(run: Path) -> None:
+    """Rewrite a store's results table as schema 1 had it: UNIQUE (ticket, split)."""
+    raw = sqlite3.connect(run / DB_NAME)
+    columns = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'results'").fetchone()[0]
+    raw.executescript(
+        "DROP TRIGGER results_append_only; DROP TRIGGER results_never_deleted; DROP INDEX results_cache;"
+        "DROP INDEX results_validation; DROP INDEX results_heldout_ok; ALTER TABLE results RENAME TO old;"
+        + columns.replace("error        TEXT\n)", "error        TEXT,\n    UNIQUE (ticket, split)\n)") + ";"
+        "INSERT INTO results SELECT * FROM old; DROP TABLE old; PRAGMA user_version = 1;"
+        "CREATE INDEX results_cache ON results(recipe_hash, fitness_hash, split) WHERE status = 'ok';"
+        "CREATE TRIGGER results_append_only BEFORE UPDATE ON results BEGIN SELECT RAISE(ABORT, 'append-only'); END;"
+        "CREATE TRIGGER results_never_deleted BEFORE DELETE ON results BEGIN SELECT RAISE(ABORT, 'append-only'); END;"
+    )
+    raw.close()
+
+
+def test_a_schema_1_store_is_read_as_is_and_upgraded_by_a_writer(tmp_path):
+    run = tmp_path / "run"
+    with RunStore.create(run) as store:
+        for ticket in range(2):
+            store.add_candidate(_proposal(ticket, [0.5]))
+            store.add_result(Evaluation(ticket, np.array([float(ticket)])), fitness_hash="f")
+        store.add_result(Evaluation.failure(1, 1), split="test", error="out of memory")
+    _as_schema_1(run)
+    version = lambda: sqlite3.connect(run / DB_NAME).execute("PRAGMA user_version").fetchone()[0]  # noqa: E731
+    with RunStore.open_reader(run) as reader:
+        rows = [(r.seq, r.ticket, r.split, r.ok) for split in ("validation", "test") for r in reader.results(split)]
+    assert rows == [(2, 0, "validation", True), (4, 1, "validation", True), (5, 1, "test", False)] and version() == 1
+    with RunStore.open(run) as store:
+        store.add_result(Evaluation(1, np.array([0.5])), split="test")
+        assert [r.ok for r in store.results("test")] == [False, True]
+        assert store.lookup_cache(store.candidate(1).recipe_hash, "f") is None  # no recipe hash was given
+        with pytest.raises(ValueError, match="ticket 0 already has a validation result"):
+            store.add_result(Evaluation(0, np.array([1.0])))
+    assert version() == 2
+    raw = sqlite3.connect(run / DB_NAME)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("DELETE FROM results")
+    raw.close()
+
+
 def test_events_pending_and_checkpoints(tmp_path):
     with RunStore.create(tmp_path / "run", keep_checkpoints=2) as store:
         for ticket in range(3):
@@ -219,12 +278,12 @@ def test_store_from_a_newer_schema_is_refused(tmp_path):
     run = tmp_path / "run"
     RunStore.create(run).close()
     raw = sqlite3.connect(run / DB_NAME)
-    raw.execute("PRAGMA user_version = 2")
+    raw.execute("PRAGMA user_version = 3")
     raw.close()
     with pytest.raises(StoreError) as info:
         RunStore.open_reader(run)
     assert str(info.value) == (
-        f"{run / DB_NAME}: written by a newer evomerge (store schema 2, this version reads up to 1); "
+        f"{run / DB_NAME}: written by a newer evomerge (store schema 3, this version reads up to 2); "
         "upgrade evomerge to open it"
     )
 

@@ -2,7 +2,8 @@
 
 The search never sees these scores: held-out results are stored under split ``test``, which the
 strategy's replay ignores. Takes the run's lock, so it waits for no one and is refused while a
-driver runs; a candidate already scored on the split is not scored again.
+driver runs; a candidate already scored on the split is not scored again, while a failed attempt
+(an out-of-memory error, a lost worker) stays recorded and is retried by the next ``evaluate``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from evomerge.inspection.front import pareto_front
 from evomerge.inspection.run_view import RunView
 from evomerge.recipe import recipe_from_dict
 from evomerge.store import RunStore
+from evomerge.store.run_files import EXPERIMENT_FILE
 
 SPLITS = ("test",)
 
@@ -30,6 +32,7 @@ def evaluate_candidates(
     """Score the front (``front=True``) and/or ``candidates`` on ``split``; returns id → objectives (None if it failed)."""
     from evomerge.driver import Objectives, fitness_hash
     from evomerge.experiment import Experiment
+    from evomerge.pool.fingerprint import check_unchanged, fingerprint_models
     from evomerge.runtime import Job, build_executor
 
     if split not in SPLITS:
@@ -42,22 +45,23 @@ def evaluate_candidates(
         raise ConfigError("evaluate: give --front and/or --candidate ID")
     for ticket in wanted:
         view.recipe(ticket)
-    experiment = Experiment.from_snapshot(view.experiment, str(view.run_dir / "experiment.yaml"))
+    experiment = Experiment.from_snapshot(view.experiment, str(view.run_dir / EXPERIMENT_FILE))
     if experiment.heldout is None:
         raise ConfigError(f"{view.run_dir}: the experiment has no held-out fitness (add 'heldout:' to score a test split)")
     objectives = Objectives(view.objectives)
     scored: dict[int, dict[str, float] | None] = {}
     with RunStore.open(view.run_dir) as store:
-        done = {r.ticket: r for r in store.results(split)}
+        done = {r.ticket: r for r in store.results(split) if r.ok}
         todo = [t for t in wanted if t not in done]
         for ticket in wanted:
             if ticket in done:
-                record = done[ticket]
-                scored[ticket] = dict(zip(view.objectives, record.evaluation.objectives.tolist())) if record.ok else None
+                scored[ticket] = dict(zip(view.objectives, done[ticket].evaluation.objectives.tolist()))
         if not todo:
             return scored
+        fingerprints = fingerprint_models(experiment.models)
+        check_unchanged(store.metadata.get("fingerprints"), fingerprints, experiment.models, str(view.run_dir))
         with build_executor(experiment) as executor:
-            digest = fitness_hash(executor.describe_fitness(split), view.objectives)
+            digest = fitness_hash(executor.describe_fitness(split), view.objectives, fingerprints)
             for ticket in todo:
                 recipe = recipe_from_dict(view.recipe(ticket), f"{view.run_dir}: candidate {ticket}")
                 executor.submit(Job(ticket, recipe, split))

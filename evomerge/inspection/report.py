@@ -24,8 +24,7 @@ from evomerge.inspection.recipe_grid import coefficient_grid
 from evomerge.inspection.run_view import RunView
 from evomerge.recipe import Blend, recipe_from_dict
 from evomerge.status import run_status
-
-REPORT_DIR = "report"
+from evomerge.store.run_files import REPORT_DIR
 
 
 @dataclass

@@ -42,7 +42,7 @@ def build_fitness(config: FitnessConfig, where: str = "fitness") -> Any:
 
     if isinstance(config, CallableFitnessConfig):
         fn, name = load_callable(config.python, f"{where}.python")
-        return CallableFitness(fn, weights=config.weights, directions=config.directions, name=name)
+        return CallableFitness(fn, weights=config.weights, directions=config.directions, name=name, version=config.version)
     return LmEvalFitness(config)
 
 

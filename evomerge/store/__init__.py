@@ -27,7 +27,11 @@ Properties:
     checkpoints live in the same file) that resume continues from. FULL would fsync every commit.
   * Append-only. Triggers abort any UPDATE of candidates, dispatches or results and any DELETE of a
     result; a candidate's status (pending → running → ok/failed) is derived from which rows exist.
-    Only superseded strategy checkpoints are deleted (the newest ``keep_checkpoints`` stay).
+    Only superseded strategy checkpoints are deleted (the newest ``keep_checkpoints`` stay). A
+    candidate has one validation result (what its strategy was told) but may have several held-out
+    attempts: a failed one (out of memory, a lost worker) stays recorded and does not block a
+    retry; at most one succeeds (partial unique indexes, schema 2; a schema-1 store is upgraded by
+    its next writer).
   * Exact replay order. Asks and results share one increasing sequence number ``seq``. A checkpoint
     records the last ``seq`` its strategy state includes. Resume = ``latest_checkpoint()`` →
     ``Strategy.load_state_dict`` → ``Strategy.replay(events_since(checkpoint.seq))`` (re-asks are

@@ -14,11 +14,11 @@ from urllib.parse import quote
 
 from evomerge.store.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x45764D67
 """``PRAGMA application_id`` of an evomerge run store ("EvMg"): tells our files from other SQLite files."""
 
-DDL = """
+TABLES_DDL = """
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL                       -- JSON
@@ -40,6 +40,19 @@ CREATE TABLE dispatches (
     started REAL NOT NULL
 );
 CREATE INDEX dispatches_ticket ON dispatches(ticket);
+CREATE TABLE checkpoints (
+    id      INTEGER PRIMARY KEY,
+    seq     INTEGER NOT NULL,                 -- the last event the strategy state includes
+    state   TEXT NOT NULL,                    -- JSON from Strategy.state_dict()
+    created REAL NOT NULL
+);
+CREATE TRIGGER candidates_append_only BEFORE UPDATE ON candidates
+    BEGIN SELECT RAISE(ABORT, 'candidates are append-only'); END;
+CREATE TRIGGER dispatches_append_only BEFORE UPDATE ON dispatches
+    BEGIN SELECT RAISE(ABORT, 'dispatches are append-only'); END;
+"""
+
+RESULTS_DDL = """
 CREATE TABLE results (
     seq          INTEGER PRIMARY KEY,
     ticket       INTEGER NOT NULL REFERENCES candidates(ticket),
@@ -54,32 +67,26 @@ CREATE TABLE results (
     started      REAL,
     finished     REAL NOT NULL,
     timings      TEXT,                        -- JSON {phase: seconds}
-    error        TEXT,
-    UNIQUE (ticket, split)
+    error        TEXT
 );
+-- one validation result per candidate (what the strategy was told); held-out attempts may fail and
+-- be retried, so a candidate has at most one successful result per held-out split
+CREATE UNIQUE INDEX results_validation ON results(ticket) WHERE split = 'validation';
+CREATE UNIQUE INDEX results_heldout_ok ON results(ticket, split) WHERE split != 'validation' AND status = 'ok';
 CREATE INDEX results_cache ON results(recipe_hash, fitness_hash, split) WHERE status = 'ok';
-CREATE TABLE checkpoints (
-    id      INTEGER PRIMARY KEY,
-    seq     INTEGER NOT NULL,                 -- the last event the strategy state includes
-    state   TEXT NOT NULL,                    -- JSON from Strategy.state_dict()
-    created REAL NOT NULL
-);
-CREATE TRIGGER candidates_append_only BEFORE UPDATE ON candidates
-    BEGIN SELECT RAISE(ABORT, 'candidates are append-only'); END;
-CREATE TRIGGER dispatches_append_only BEFORE UPDATE ON dispatches
-    BEGIN SELECT RAISE(ABORT, 'dispatches are append-only'); END;
 CREATE TRIGGER results_append_only BEFORE UPDATE ON results
     BEGIN SELECT RAISE(ABORT, 'results are append-only'); END;
 CREATE TRIGGER results_never_deleted BEFORE DELETE ON results
     BEGIN SELECT RAISE(ABORT, 'results are append-only'); END;
 """
+DDL = TABLES_DDL + RESULTS_DDL
 
 
 def connect(path: Path, *, mode: str) -> sqlite3.Connection:
     """Open ``path`` (``mode``: 'rwc' create, 'rw' write, 'ro' read) and check it is our store.
 
     A non-SQLite or corrupt file, a foreign SQLite file and a store written by a newer schema are
-    one-line ``StoreError``s. Writers get WAL (set once at creation, persistent), NORMAL sync and
+    one-line ``StoreError``s; a schema-1 store is upgraded when opened for writing. Writers get WAL (set once at creation, persistent), NORMAL sync and
     foreign keys; readers are query-only and never block the writer (WAL snapshots).
     """
     uri = f"file:{quote(str(path))}?mode={mode}"
@@ -104,7 +111,9 @@ def connect(path: Path, *, mode: str) -> sqlite3.Connection:
             f"{path}: written by a newer evomerge (store schema {version}, this version reads up to "
             f"{SCHEMA_VERSION}); upgrade evomerge to open it"
         )
-    if version < SCHEMA_VERSION:
+    if version == 1 and mode == "rw":
+        _upgrade_from_1(conn)
+    elif version < SCHEMA_VERSION and not (version == 1 and mode == "ro"):
         conn.close()
         raise StoreError(f"{path}: store schema {version} is not supported (expected {SCHEMA_VERSION})")
     if mode == "ro":
@@ -122,3 +131,26 @@ def _initialize(conn: sqlite3.Connection) -> None:
         f"BEGIN IMMEDIATE;\n{DDL}\nPRAGMA application_id = {APPLICATION_ID};\n"
         f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     )
+
+
+def _upgrade_from_1(conn: sqlite3.Connection) -> None:
+    """Schema 1 → 2 in one transaction: results lose ``UNIQUE (ticket, split)`` for the partial
+    unique indexes (a failed held-out result no longer blocks a retry); every row is kept.
+
+    A schema-1 store is read as it is (the columns are the same); only a writer upgrades it."""
+    script = (
+        "BEGIN IMMEDIATE;\n"
+        "DROP TRIGGER results_append_only; DROP TRIGGER results_never_deleted; DROP INDEX results_cache;\n"
+        "ALTER TABLE results RENAME TO results_1;\n"
+        f"{RESULTS_DDL}\n"
+        "INSERT INTO results SELECT * FROM results_1;\n"
+        "DROP TABLE results_1;\n"
+        f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    )
+    try:
+        conn.executescript(script)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        raise

@@ -4,7 +4,8 @@ The output folder holds one ordinary Hugging Face folder per model (safetensors,
 model card), the lm-eval task folder ``fitness/`` for the spec's tasks, the spec itself and
 ``zoo.json``. The build is cached by ``spec_hash``: when ``zoo.json`` carries the same hash and
 every model folder is present, nothing is retrained (``force=True`` rebuilds). ``zoo.json`` is
-written last, so an interrupted build is never mistaken for a finished one.
+written last, so an interrupted build is never mistaken for a finished one. Only an empty folder or
+a zoo is built into (``evomerge.zoo.folder``): a build never deletes the user's files.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge.errors import ConfigError
 from evomerge.zoo.corpus import Sequence, base_sequence, task_sequence
 from evomerge.zoo.fitness_files import write_fitness
+from evomerge.zoo.folder import BUILD_MARKER, INDEX_FILE, SPEC_FILE, cached_index, check_buildable
 from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
 from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
 from evomerge.zoo.model_card import model_card
@@ -33,28 +34,27 @@ from evomerge.zoo.tasks import task
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import TrainConfig, TrainStats, train
 
-INDEX_FILE = "zoo.json"
-SPEC_FILE = "zoo.yaml"
-
 
 def build_zoo(spec_path: str | Path | ZooSpec | dict, out_dir: str | Path, *, force: bool = False) -> ZooIndex:
     """Build (or reuse, when the spec is unchanged) the zoo of ``spec_path`` in ``out_dir``."""
     spec = _as_spec(spec_path)
     out = Path(out_dir)
     key = spec_hash(spec)
-    cached = _cached(out, key)
+    cached = cached_index(out, key)
     if cached is not None and not force:
         return cached
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: zoo output path exists and is not a folder")
+    check_buildable(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_MARKER).write_text(key + "\n")
     (out / INDEX_FILE).unlink(missing_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
     try:
-        return _build(spec, key, out)
+        index = _build(spec, key, out)
     finally:
         torch.set_num_threads(threads_before)
+    (out / BUILD_MARKER).unlink()
+    return index
 
 
 def _as_spec(spec: str | Path | ZooSpec | dict) -> ZooSpec:
@@ -63,21 +63,6 @@ def _as_spec(spec: str | Path | ZooSpec | dict) -> ZooSpec:
     if isinstance(spec, dict):
         return parse_spec(spec)
     return load_spec(spec)
-
-
-def _cached(out: Path, key: str) -> ZooIndex | None:
-    path = out / INDEX_FILE
-    if not path.is_file():
-        return None
-    try:
-        index = ZooIndex.load(path)
-    except ConfigError:
-        return None
-    if index.spec_hash != key:
-        return None
-    if not all((out / m.folder / "model.safetensors").is_file() for m in index.models):
-        return None
-    return index
 
 
 def _progress() -> Progress:
