@@ -58,6 +58,8 @@ def test_hub_ids_resolve_to_cached_snapshots_at_their_commit(hub, pico_family):
     assert by_commit.path == tagged.path and by_commit.ref == tagged.ref
     assert same(tensors(tagged.ref), tensors(pico_family["base"]))
     assert same(tensors("org/pico"), tensors(pico_family["expert_2"]))
+    with ModelPool.open({"old": tagged, "new": main}, "old") as pool:  # resolved sources open as they are
+        assert pool.source("new") is main and pool.path("old") == tagged.path
     assert tagged.record() == {
         "ref": f"org/pico@{hub['v1']}",
         "repo_id": "org/pico",
@@ -85,9 +87,11 @@ def test_offline_with_nothing_cached_is_one_line_naming_the_id_and_hf_hub_offlin
     )
 
 
-def test_unknown_revision_of_a_cached_repo_is_not_found_offline(hub):
-    with pytest.raises(ModelError, match=r"'org/pico@v2' is not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
+def test_unknown_revision_or_adapter_is_not_found_offline(hub):
+    with pytest.raises(ModelError, match=r"^model: 'org/pico@v2' is not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
         resolve_source("org/pico@v2")
+    with pytest.raises(ModelError, match=r"^model \(adapter\): 'org/math-lora@v1' is not in the Hugging Face cache"):
+        resolve_source("org/pico+org/math-lora@v1")
 
 
 def test_a_partly_cached_model_names_the_missing_weights(hf_cache, pico_family):
@@ -223,6 +227,8 @@ def test_run_resume_and_export_use_the_commit_the_run_started_with(hub, tmp_path
     card = (out / "README.md").read_text()
     assert f"[`org/pico`](https://huggingface.co/org/pico) at commit `{started}`" in card
     assert f"`org/expert`](https://huggingface.co/org/expert) at commit `{hub['expert']}`" in card
+    assert f"- `base`: `org/pico` → `org/pico@{started}`" in card  # as the experiment named it
+    assert "- `b`:" not in card.split("Models as the experiment named them")[1]
     local = recipe_from_dict({**recipe, "models": {"base": str(pico_family["expert_2"]), "a": str(pico_family["expert_1"]),
                                                    "b": str(pico_family["expert_2"])}})
     export_merge(local, tmp_path / "local", progress=False)
