@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.fitness.spec import AGGREGATE, FitnessSpec
-from evomerge.pool.sources import ResolvedSource, SourceSpec, resolve_source
+from evomerge.pool.sources import Reference, ResolvedSource, resolve_source
 from evomerge.validation import describe_validation_error, read_yaml, validate
 
 ZOO_ENV = "EVOMERGE_ZOO"
@@ -141,7 +141,7 @@ class ExperimentFile(_Strict):
     name: str
     seed: int = 0
     zoo: ZooConfig | None = None
-    models: dict[str, str | SourceSpec] = Field(
+    models: dict[str, Reference] = Field(
         description="name -> folder, zoo:<model>, org/name[@revision], model+adapter or {model: ..., lora: ...}"
     )
     base: str | None = None
@@ -166,7 +166,7 @@ class ExperimentFile(_Strict):
 
     @field_validator("models")
     @classmethod
-    def _two_or_more(cls, value: dict[str, str | SourceSpec]) -> dict[str, str | SourceSpec]:
+    def _two_or_more(cls, value: dict[str, str]) -> dict[str, str]:
         if len(value) < 2:
             raise ValueError(f"expected at least 2 models (a base and a source, or two sources), got {len(value)}")
         return value
@@ -277,7 +277,7 @@ def load_experiment(
         name=spec.name,
         seed=spec.seed if seed is None else seed,
         models={name: resolved.ref for name, resolved in sources.items()},
-        origins={name: {"written": _written(spec.models[name]), **resolved.record()} for name, resolved in sources.items()},
+        origins={name: {"written": spec.models[name], **resolved.record()} for name, resolved in sources.items()},
         base=spec.base,
         search_space=search_space,
         strategy=strategy,
@@ -384,7 +384,6 @@ def zoo_folder(config: ZooConfig | None, here: Path) -> Path:
 
 def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, ResolvedSource]:
     """Every model reference resolved (zoo built first if asked; hub ids fetched or found in the cache)."""
-    texts = {name: ref.text if isinstance(ref, SourceSpec) else ref for name, ref in spec.models.items()}
     zoo = zoo_folder(spec.zoo, here)
     if spec.zoo is not None:
         _build_zoo(spec.zoo, zoo, here, source)
@@ -400,12 +399,8 @@ def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, 
 
     return {
         name: resolve_source(text, roots=[here], zoo=lookup(name), where=f"{source}: models.{name}")
-        for name, text in texts.items()
+        for name, text in spec.models.items()
     }
-
-
-def _written(ref: str | SourceSpec) -> str:
-    return ref.text if isinstance(ref, SourceSpec) else ref
 
 
 def _build_zoo(config: ZooConfig, zoo: Path, here: Path, source: str) -> None:

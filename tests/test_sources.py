@@ -195,6 +195,22 @@ def test_experiment_pins_hub_ids_and_records_where_they_came_from(hub, tmp_path,
     assert again == experiment
 
 
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"model": "org/pico", "lorra": "x"}, "models.a: lorra: unknown key (did you mean 'lora'?); expected model and lora"),
+        ({"lora": "x"}, "models.a: model: expected a model reference, got None"),
+        (7, "models.a: expected a model reference (folder, zoo:<model>, org/name[@revision], model+adapter) "
+            "or {model: ..., lora: ...}, got 7"),
+    ],
+)
+def test_malformed_model_entries_are_one_line(tmp_path, pico_family, entry, message):
+    path = experiment_file(tmp_path, {"base": str(pico_family["base"]), "a": entry})
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
 def test_offline_experiment_with_an_uncached_id_exits_2_before_any_run_directory(hf_cache, tmp_path, pico_family, capsys):
     path = experiment_file(tmp_path, {"base": str(pico_family["base"]), "a": "org/not-cached"})
     assert cli.main(["run", str(path), "--quiet"]) == 2

@@ -25,13 +25,14 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.pool import hub
@@ -63,9 +64,28 @@ class SourceSpec(BaseModel):
 
 def reference_text(value: Any) -> Any:
     """A reference as a string: a ``{model, lora}`` mapping becomes ``model+lora`` (pydantic ``before`` hook)."""
-    if isinstance(value, Mapping):
-        return SourceSpec.model_validate(value).text
-    return value
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"expected a model reference (folder, zoo:<model>, org/name[@revision], model+adapter) "
+            f"or {{model: ..., lora: ...}}, got {value!r}"
+        )
+    fields = list(SourceSpec.model_fields)
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{key}: unknown key{hint}; expected {' and '.join(fields)}")
+    for key, what in (("model", "a model reference"), ("lora", "an adapter folder or hub id")):
+        item = value.get(key)
+        if (key == "model" or item is not None) and (not isinstance(item, str) or not item.strip()):
+            raise ValueError(f"{key}: expected {what}, got {item!r}")
+    return SourceSpec.model_validate(value).text
+
+
+Reference = Annotated[str, BeforeValidator(reference_text)]
+"""A model reference field: a string, or the ``{model, lora}`` mapping stored as ``model+lora``."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +151,11 @@ def resolve_source(
     ``require_folder``: a local folder must exist now (else it is only made absolute, and the pool
     reports it when opened); ``download``: False resolves hub ids from the cache only.
     """
-    text = value.text if isinstance(value, SourceSpec) else reference_text(value)
-    if not isinstance(text, str) or not text.strip():
+    try:
+        text = value.text if isinstance(value, SourceSpec) else reference_text(value)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if not text.strip():
         raise ConfigError(f"{where}: expected a model reference (folder, zoo:<model>, org/name[@revision], model+adapter)")
     roots = tuple(roots) or (Path.cwd(),)
     whole = _existing_folder(text, roots)

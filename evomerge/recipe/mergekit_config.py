@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.pool.sources import reference_text, resolve_source, short_name
+from evomerge.pool.sources import Reference, resolve_source, short_name
 from evomerge.recipe.schema import ParamSetting, Recipe
 from evomerge.validation import validate
 
@@ -41,19 +41,15 @@ _BASE_IS_INPUT = {"linear"}
 
 class _ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Reference
     parameters: dict[str, ParamSetting] | None = None
-
-    _mapping_form = field_validator("model", mode="before")(reference_text)
 
 
 class _SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Reference
     layer_range: tuple[int, int]
     parameters: dict[str, ParamSetting] | None = None
-
-    _mapping_form = field_validator("model", mode="before")(reference_text)
 
 
 class _Slice(BaseModel):
@@ -71,14 +67,12 @@ class MergekitConfig(BaseModel):
     merge_method: str
     models: list[_ModelEntry] | None = None
     slices: list[_Slice] | None = None
-    base_model: str | None = None
+    base_model: Reference | None = None
     parameters: dict[str, ParamSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     name: str | None = Field(default=None, description="ignored label")
-
-    _mapping_form = field_validator("base_model", mode="before")(reference_text)
 
 
 def is_mergekit_config(data: dict[str, Any]) -> bool:

@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.pool.sources import reference_text, resolve_models
+from evomerge.pool.sources import Reference, resolve_models
 from evomerge.validation import read_yaml, validate
 
 Scalar = Union[bool, int, float, str]
@@ -85,7 +85,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: dict[str, str] = Field(description="model name -> folder, org/name@revision or model+adapter")
+    models: dict[str, Reference] = Field(description="model name -> folder, org/name@revision or model+adapter")
     base: str | None = None
     sources: list[str] | None = Field(default=None, description="models merged; default: all but the base")
     method: str
@@ -97,14 +97,6 @@ class Recipe(BaseModel):
     )
     seed: int = 0
     tokenizer: str | None = Field(default=None, description="model whose tokenizer is copied; default: base")
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _mapping_form(cls, value: Any) -> Any:
-        """``{model: X, lora: Y}`` entries are stored in mergekit's string form ``X+Y``."""
-        if isinstance(value, dict):
-            return {name: reference_text(ref) for name, ref in value.items()}
-        return value
 
     @model_validator(mode="after")
     def _names_exist(self) -> Recipe:
