@@ -243,6 +243,14 @@ def test_experiment_with_a_hub_base_and_a_hub_adapter_merges_like_the_dense_mode
     assert written["models"]["math"] == experiment.models["math"]
 
 
+def test_a_hub_adapter_named_as_a_model_or_a_model_as_an_adapter(hub_lora):
+    with pytest.raises(ModelError, match=rf"is a LoRA adapter, not a model; name the model it applies to: "
+                       rf"'org/pico\+org/pico-math@{hub_lora['adapter']}'"):
+        ModelPool.open({"base": "org/pico", "x": "org/pico-math"}, "base")
+    with pytest.raises(ModelError, match=r"/snapshots/[0-9a-f]{40} is not a LoRA adapter \(no adapter_config.json\)$"):
+        ModelPool.open({"base": "org/pico", "x": "org/pico+org/pico"}, "base")
+
+
 def test_mergekit_config_with_a_lora_source(hub_lora, tmp_path):
     mk = tmp_path / "mk.yaml"
     mk.write_text(yaml.safe_dump({

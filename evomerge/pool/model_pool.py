@@ -54,7 +54,7 @@ class SourceModel:
         if not path.is_dir():
             raise ModelError(f"{where}: folder not found (expected a local Hugging Face model folder)")
         if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
-            raise ModelError(f"{where}: {_adapter_hint(path, source.ref)}")
+            raise ModelError(f"{where}: {_adapter_hint(path, source.model.ref)}")
         config = read_config(path)
         if config.get("auto_map") and not trust_remote_code:
             raise ModelError(

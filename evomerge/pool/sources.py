@@ -158,17 +158,15 @@ def resolve_source(
     if not text.strip():
         raise ConfigError(f"{where}: expected a model reference (folder, zoo:<model>, org/name[@revision], model+adapter)")
     roots = tuple(roots) or (Path.cwd(),)
-    whole = _existing_folder(text, roots)
-    if whole is not None or ADAPTER_SEPARATOR not in text:
-        model_part, adapter_part = text, None
-    else:
-        model_part, adapter_part = text.rsplit(ADAPTER_SEPARATOR, 1)
-        if not model_part or not adapter_part:
-            raise ConfigError(f"{where}: '{text}': expected <model>+<adapter> with both parts named")
-    options = dict(roots=roots, zoo=zoo, require_folder=require_folder, download=download)
-    model = _weights(model_part, where=where, adapter=False, **options)  # type: ignore[arg-type]
-    adapter = None if adapter_part is None else _weights(adapter_part, where=f"{where} (adapter)", adapter=True, **options)  # type: ignore[arg-type]
-    return ResolvedSource(model, adapter)
+    if ADAPTER_SEPARATOR not in text or _existing_folder(text, roots) is not None:
+        return ResolvedSource(_weights(text, roots, zoo, where, False, require_folder, download))
+    model, adapter = text.rsplit(ADAPTER_SEPARATOR, 1)
+    if not model or not adapter:
+        raise ConfigError(f"{where}: '{text}': expected <model>+<adapter> with both parts named")
+    return ResolvedSource(
+        _weights(model, roots, zoo, where, False, require_folder, download),
+        _weights(adapter, roots, zoo, f"{where} (adapter)", True, require_folder, download),
+    )
 
 
 def resolve_models(
@@ -212,15 +210,9 @@ def _existing_folder(text: str, roots: Sequence[Path]) -> Path | None:
 
 
 def _weights(
-    part: str,
-    *,
-    roots: Sequence[Path],
-    zoo: ZooLookup | None,
-    where: str,
-    adapter: bool,
-    require_folder: bool,
-    download: bool,
+    part: str, roots: Sequence[Path], zoo: ZooLookup | None, where: str, adapter: bool, require_folder: bool, download: bool
 ) -> Weights:
+    """One side of a reference (the model, or the adapter) as a folder or a cached hub snapshot."""
     if part.startswith(ZOO_PREFIX):
         if zoo is None:
             raise ConfigError(f"{where}: '{part}': zoo: models can be named in experiments only")
