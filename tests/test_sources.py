@@ -271,3 +271,68 @@ def test_recipe_and_mergekit_config_with_hub_ids(hub, tmp_path):
     recipe = load_recipe(mk)
     assert recipe.models == {"expert": f"org/expert@{hub['expert']}", "pico": f"org/pico@{hub['v1']}"}
     assert recipe.base == "pico" and recipe.model_parameters == {"expert": {"weight": 0.5}}
+
+
+# -- online: what is asked of huggingface_hub (a stand-in for snapshot_download; no network) -------
+
+
+class FakeHub:
+    """``snapshot_download`` as the hub would answer it: copies the matching files of a published folder."""
+
+    def __init__(self, root: Path, repos: dict[str, Path]) -> None:
+        self.root, self.repos, self.calls = root, repos, []
+
+    def __call__(self, repo_id, *, revision, cache_dir, allow_patterns, local_files_only):
+        from fnmatch import fnmatch
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        self.calls.append((repo_id, revision, list(allow_patterns), local_files_only))
+        if repo_id not in self.repos:
+            raise RepositoryNotFoundError("404 Client Error.", response=SimpleNamespace(headers={}, status_code=404, request=None))
+        commit = "c" * 40
+        snapshot = self.root / repo_id.replace("/", "--") / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in self.repos[repo_id].iterdir():
+            if any(fnmatch(file.name, pattern) for pattern in allow_patterns) and not (snapshot / file.name).exists():
+                (snapshot / file.name).symlink_to(file)
+        return str(snapshot)
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch, make_pico):
+    import huggingface_hub
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var)
+    pickled = make_pico(seed=5)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    fake = FakeHub(tmp_path / "hub", {"org/single": make_pico(seed=3), "org/sharded": make_pico(sharded=True, seed=4),
+                                      "org/pickled": pickled})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return fake
+
+
+def test_online_fetches_config_and_tokenizer_then_exactly_the_listed_shards(online):
+    from evomerge.pool.hub import MODEL_FILES
+
+    source = resolve_source("org/single@v2")
+    assert source.ref == "org/single@" + "c" * 40
+    assert online.calls == [("org/single", "v2", list(MODEL_FILES), False), ("org/single", "c" * 40, ["model.safetensors"], False)]
+    assert not any("bin" in pattern for call in online.calls for pattern in call[2])
+    online.calls.clear()
+    resolve_source("org/sharded")
+    index = json.loads((online.repos["org/sharded"] / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and online.calls[1] == ("org/sharded", "c" * 40, shards, False)
+    assert same(tensors("org/sharded@" + "c" * 40), tensors(online.repos["org/sharded"]))
+
+
+def test_online_errors_are_one_line(online):
+    with pytest.raises(ModelError, match=r"^models\.x: 'org/pickled@c{40}' has no safetensors weights on the Hugging Face "
+                       r"Hub \(no model.safetensors; evomerge never downloads pickled \*\.bin weights"):
+        resolve_source("org/pickled", where="models.x")
+    with pytest.raises(ModelError, match=r"^models\.x: 'org/absent' is neither a local folder nor a repository on the "
+                       r"Hugging Face Hub \(a private one needs `hf auth login`\)$"):
+        resolve_source("org/absent", where="models.x")

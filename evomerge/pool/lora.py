@@ -188,6 +188,7 @@ def _check_kind(config: dict[str, Any], where: str) -> None:
 def _patches(config: dict[str, Any], index: TensorIndex, where: str) -> dict[str, Patch]:
     """Map the adapter's saved tensors to the base tensors they change."""
     factors: dict[str, dict[str, str]] = {}
+    embeddings: set[str] = set()  # modules adapted as embeddings: ΔW = (B·A)ᵀ
     bias_updates: dict[str, str] = {}
     replacements: dict[str, str] = {}
     for key in index.names:
@@ -196,7 +197,8 @@ def _patches(config: dict[str, Any], index: TensorIndex, where: str) -> dict[str
             module, _, part = name.partition(".lora_")
             if part in ("A.weight", "embedding_A"):
                 factors.setdefault(module, {})["A"] = key
-                factors[module]["embedding"] = "yes" if part == "embedding_A" else ""
+                if part == "embedding_A":
+                    embeddings.add(module)
             elif part in ("B.weight", "embedding_B"):
                 factors.setdefault(module, {})["B"] = key
             elif part == "B.bias":
@@ -231,7 +233,7 @@ def _patches(config: dict[str, Any], index: TensorIndex, where: str) -> dict[str
             lora_a=parts["A"],
             lora_b=parts["B"],
             scaling=lora_scaling(alpha, r_config, rslora),
-            transposed=bool(parts["embedding"]) or bool(config.get("fan_in_fan_out")),
+            transposed=module in embeddings or bool(config.get("fan_in_fan_out")),
         )
     for module, key in bias_updates.items():
         r_config = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
