@@ -5,8 +5,8 @@ Example (``experiments/demo.yaml``)::
     name: demo
     seed: 0
     zoo: {spec: default}                 # optional: `run` builds the zoo first if missing or outdated
-    models:                              # name -> local folder (relative to this file) or zoo:<model>
-      base: zoo:base
+    models:                              # name -> folder (relative to this file), zoo:<model>,
+      base: zoo:base                     #   org/name[@revision] (Hugging Face), or model+adapter (LoRA)
       skill: zoo:skill_add_a
       lang: zoo:lang_qa_b
     base: base
@@ -25,8 +25,9 @@ Example (``experiments/demo.yaml``)::
 
 Every mistake is a one-line ``ConfigError`` naming the field (unknown keys with a did-you-mean).
 ``load_experiment`` also resolves every path (relative to the experiment file; ``zoo:`` models
-against the zoo folder) and inlines the search space, so the resolved form that is snapshotted into
-the run directory needs nothing but itself to resume.
+against the zoo folder; hub ids into the Hugging Face cache, pinned to the commit they resolved to)
+and inlines the search space, so the resolved form that is snapshotted into the run directory needs
+nothing but itself to resume, with exactly the weights the run started with.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.fitness.spec import AGGREGATE, FitnessSpec
+from evomerge.pool.sources import Reference, ResolvedSource, resolve_source
 from evomerge.validation import describe_validation_error, read_yaml, validate
 
-ZOO_PREFIX = "zoo:"
 ZOO_ENV = "EVOMERGE_ZOO"
 DEFAULT_ZOO_DIR = ".cache/zoo"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -144,7 +146,9 @@ class ExperimentFile(_Strict):
     name: str
     seed: int = 0
     zoo: ZooConfig | None = None
-    models: dict[str, str] = Field(description="name -> model folder, or zoo:<model>")
+    models: dict[str, Reference] = Field(
+        description="name -> folder, zoo:<model>, org/name[@revision], model+adapter or {model: ..., lora: ...}"
+    )
     base: str | None = None
     search_space: str | dict[str, Any]
     strategy: StrategyConfig
@@ -210,7 +214,10 @@ class Experiment(BaseModel):
 
     name: str
     seed: int
-    models: dict[str, str]
+    models: dict[str, str] = Field(description="name -> pinned reference (absolute folder, org/name@<commit>, model+adapter)")
+    origins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> what the reference was written as and resolved to (hub ids, commits)"
+    )
     base: str | None
     search_space: dict[str, Any]
     strategy: StrategyConfig
@@ -262,11 +269,12 @@ def load_experiment(
     strategy = spec.strategy if seed is None else spec.strategy.model_copy(update={"seed": None})
     budget_config = spec.budget if budget is None else _budget(spec.budget, budget, source)
     fitness, objectives, heldout, search_space = _resolved_parts(spec, here, source)
-    models = _resolve_models(spec, here, source)
+    sources = _resolve_models(spec, here, source)
     return Experiment(
         name=spec.name,
         seed=spec.seed if seed is None else seed,
-        models=models,
+        models={name: resolved.ref for name, resolved in sources.items()},
+        origins={name: {"written": spec.models[name], **resolved.record()} for name, resolved in sources.items()},
         base=spec.base,
         search_space=search_space,
         strategy=strategy,
@@ -402,22 +410,25 @@ def zoo_folder(config: ZooConfig | None, here: Path) -> Path:
     return Path(os.environ.get(ZOO_ENV) or DEFAULT_ZOO_DIR).expanduser().resolve()
 
 
-def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, str]:
-    uses_zoo = any(path.startswith(ZOO_PREFIX) for path in spec.models.values())
+def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, ResolvedSource]:
+    """Every model reference resolved (zoo built first if asked; hub ids fetched or found in the cache)."""
     zoo = zoo_folder(spec.zoo, here)
     if spec.zoo is not None:
         _check_zoo_ready(spec.zoo, zoo, here, source)
-    index = _zoo_index(zoo) if uses_zoo else None
-    models = {}
-    for name, path in spec.models.items():
-        if path.startswith(ZOO_PREFIX):
-            models[name] = str(_zoo_model(zoo, index, name, path[len(ZOO_PREFIX) :], spec.zoo is None, source))
-        else:
-            folder = (here / Path(path).expanduser()).resolve()
-            if not folder.is_dir():
-                raise ModelError(f"{source}: models.{name}: folder not found: {folder}")
-            models[name] = str(folder)
-    return models
+    index: list[Any] = []
+
+    def lookup(name: str) -> Callable[[str], Path]:
+        def zoo_model(model: str) -> Path:
+            if not index:
+                index.append(_zoo_index(zoo))
+            return _zoo_model(zoo, index[0], name, model, spec.zoo is None, source)
+
+        return zoo_model
+
+    return {
+        name: resolve_source(text, roots=[here], zoo=lookup(name), where=f"{source}: models.{name}")
+        for name, text in spec.models.items()
+    }
 
 
 def _zoo_spec(config: ZooConfig, here: Path, source: str) -> Path:

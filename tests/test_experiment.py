@@ -101,7 +101,7 @@ MALFORMED_LATER = [
     ("space-unknown-method", {"search_space": {"method": "tiess", "model_genes": {"weight": {}}}},
      "search_space.method: unknown merge method 'tiess' (did you mean 'ties'?); known: "),
     ("strategy-unknown", {"strategy": {"name": "cma"}},
-     "strategy.name: unknown strategy 'cma' (did you mean 'cmaes'?); known: cmaes, optuna, random"),
+     "strategy.name: unknown strategy 'cma' (did you mean 'cmaes'?); known: cmaes, natural_niches, optuna, random"),
     ("strategy-setting", {"strategy": {"name": "cmaes", "settings": {"sigma0": 5}}},
      "strategy.settings: sigma0: Input should be less than or equal to 1"),
     ("python-file-missing", {"fitness": {"python": "other.py:score"}}, "fitness.python: file not found: {folder}/other.py"),

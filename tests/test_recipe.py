@@ -215,7 +215,6 @@ class TestMergekitImport:
         ("config", "message"),
         [
             ({"merge_method": "nuslerp", "models": [{"model": "/a"}]}, r"merge_method: 'nuslerp' cannot be read"),
-            ({"merge_method": "linear", "models": [{"model": "/a+/lora"}]}, r"LoRA references"),
             ({"merge_method": "linear", "models": [{"model": "/a"}], "tokenizer_source": "union"}, r"tokenizer_source: 'union'"),
             ({"merge_method": "linear", "modules": {}}, r"modules: mergekit's 'modules' option is not supported"),
             (

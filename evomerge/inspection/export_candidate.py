@@ -108,4 +108,15 @@ def _card(view: RunView, ticket: int, validation: dict[str, float], heldout: dic
         f"## Found by evomerge\n\nCandidate {ticket} of run `{view.name}` ({view.run_dir}), strategy "
         f"`{view.strategy}`, {len(view.results['validation'])} evaluations, run {view.state}. Objective values "
         f"(a minimized metric appears negated):\n\n| objective | validation | held-out (test) |\n|---|---|---|\n{rows}\n"
+        + _origins(view.experiment.get("origins") or {})
     )
+
+
+def _origins(origins: dict[str, dict]) -> str:
+    """Hub models as the experiment named them (a branch, a tag) and the commits the run pinned."""
+    lines = [
+        f"- `{name}`: `{origin['written']}` → `{origin['ref']}`"
+        for name, origin in origins.items()
+        if "written" in origin and ("commit" in origin or "commit" in origin.get("adapter", {}))
+    ]
+    return "\nModels as the experiment named them, and what they resolved to when the run started:\n\n" + "\n".join(lines) + "\n" if lines else ""

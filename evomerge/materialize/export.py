@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
 from evomerge.materialize.blocks import blockwise, merge_blocks
 from evomerge.materialize.tensors import BufferPool, blend_tensor, is_mergeable, merge_tensor, output_dtype
 from evomerge.pool import ModelPool
+from evomerge.pool.sources import ResolvedSource, Weights
 from evomerge.recipe import Blend, Blueprint, Recipe, RecipePlanner, order_digest
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -58,7 +60,8 @@ def export_merge(
             else:
                 _write_tensors(recipe, pool, tmp, device, max_shard_bytes, progress)
                 tokenizer_model = recipe.tokenizer or recipe.reference
-            _write_metadata(recipe, pool.path(recipe.reference), pool.path(tokenizer_model), tmp, card_extra)
+            sources = {name: pool.source(name) for name in recipe.models}
+            _write_metadata(recipe, pool.path(recipe.reference), pool.path(tokenizer_model), tmp, card_extra, sources)
         _finalize(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,7 +166,14 @@ def _input(
     return pool.tensor(model, name, device=device, out=buffers.get(role, shape))
 
 
-def _write_metadata(recipe: Blueprint, reference: Path, tokenizer_from: Path, folder: Path, card_extra: str) -> None:
+def _write_metadata(
+    recipe: Blueprint,
+    reference: Path,
+    tokenizer_from: Path,
+    folder: Path,
+    card_extra: str,
+    sources: Mapping[str, ResolvedSource] | None = None,
+) -> None:
     config = json.loads((reference / "config.json").read_text())
     if recipe.dtype:
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
@@ -176,16 +186,19 @@ def _write_metadata(recipe: Blueprint, reference: Path, tokenizer_from: Path, fo
         if item.is_file() and item.name not in _NOT_TOKENIZER and not _is_weight_file(item.name):
             shutil.copyfile(item, folder / item.name)
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
-    (folder / "README.md").write_text(model_card(recipe, card_extra))
+    (folder / "README.md").write_text(model_card(recipe, card_extra, sources))
 
 
 def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"))
 
 
-def model_card(recipe: Blueprint, extra: str = "") -> str:
-    """A model card that says what the model is made of (the recipe, verbatim)."""
-    models = "\n".join(f"- `{name}`: `{path}`" for name, path in recipe.models.items())
+def model_card(recipe: Blueprint, extra: str = "", sources: Mapping[str, ResolvedSource] | None = None) -> str:
+    """A model card that says what the model is made of: each model (hub id and commit, adapter), the recipe."""
+    sources = sources or {}
+    models = "\n".join(
+        f"- `{name}`: {_describe(sources[name]) if name in sources else f'`{ref}`'}" for name, ref in recipe.models.items()
+    )
     if isinstance(recipe, Blend):
         made = f"Made by evomerge as a blend of {len(recipe.source_names)} models in {len(recipe.segments)} segment(s).\n"
     else:
@@ -200,6 +213,20 @@ def model_card(recipe: Blueprint, extra: str = "") -> str:
     if extra:
         parts.append(extra.rstrip() + "\n")
     return "\n".join(parts)
+
+
+def _describe(source: ResolvedSource) -> str:
+    """One model for the card: a hub id with its revision and commit, or a folder; a LoRA adapter on it."""
+
+    def one(weights: Weights) -> str:
+        if weights.repo_id is None:
+            return f"`{weights.path}`"
+        asked = f" (revision `{weights.revision}`)" if weights.revision not in (None, weights.commit) else ""
+        return f"[`{weights.repo_id}`](https://huggingface.co/{weights.repo_id}) at commit `{weights.commit}`{asked}"
+
+    if source.adapter is None:
+        return one(source.model)
+    return f"LoRA adapter {one(source.adapter)} applied to {one(source.model)}"
 
 
 def _finalize(tmp: Path, out_dir: Path) -> None:

@@ -125,9 +125,10 @@ class ResidentMerger:
                 target.copy_(result)
 
     def _check_models(self, recipe: Blueprint) -> None:
-        for name, path in recipe.models.items():
+        for name, ref in recipe.models.items():
             if name not in self._tensors:
                 raise ConfigError(f"recipe.models: '{name}' is not in this worker's model pool ({', '.join(self._tensors)})")
-            if Path(path).resolve() != Path(self.pool.path(name)).resolve():
-                raise ConfigError(f"recipe.models.{name}: '{path}' differs from the pool's '{self.pool.path(name)}'")
+            pooled = self.pool.source(name).ref
+            if ref != pooled and Path(ref).resolve() != Path(pooled).resolve():
+                raise ConfigError(f"recipe.models.{name}: '{ref}' differs from the pool's '{pooled}'")
 

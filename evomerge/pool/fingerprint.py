@@ -30,6 +30,7 @@ from typing import Any
 
 from evomerge.errors import ModelError
 from evomerge.io.safetensors_reader import read_safetensors_header
+from evomerge.pool.sources import ResolvedSource, resolve_source
 
 SAMPLES_PER_TENSOR = 4
 SAMPLE_BYTES = 4096
@@ -85,9 +86,25 @@ def fingerprint_model(folder: str | Path, *, revision: str | None = None) -> Mod
     return ModelFingerprint(whole.hexdigest(), files, revision)
 
 
+def fingerprint_source(source: ResolvedSource) -> ModelFingerprint:
+    """The fingerprint of a resolved source: its folder at its hub commit, and its LoRA adapter's."""
+    model = fingerprint_model(source.model.path, revision=source.model.commit)
+    if source.adapter is None:
+        return model
+    adapter = fingerprint_model(source.adapter.path, revision=source.adapter.commit)
+    whole = hashlib.blake2b(f"{model.digest}+{adapter.digest}".encode(), digest_size=16).hexdigest()
+    files = {**model.files, **{f"adapter/{name}": digest for name, digest in adapter.files.items()}}
+    revision = None if model.revision is None and adapter.revision is None else f"{model.revision}+{adapter.revision}"
+    return ModelFingerprint(whole, files, revision)
+
+
 def fingerprint_models(models: Mapping[str, str | Path]) -> dict[str, ModelFingerprint]:
-    """Fingerprints of a run's models (name → folder), in the same order."""
-    return {name: fingerprint_model(path) for name, path in models.items()}
+    """Fingerprints of a run's models (name → pinned reference: folder, ``org/name@commit``,
+    ``model+adapter``), in the same order; hub models are read from the local cache only."""
+    return {
+        name: fingerprint_source(resolve_source(str(ref), where=f"models.{name}", download=False))
+        for name, ref in models.items()
+    }
 
 
 def check_unchanged(

@@ -29,6 +29,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from evomerge.pool.sources import Reference, resolve_models
+
 
 def order_digest(order: Sequence[tuple[str, int]]) -> str:
     """A short digest of a canonical order (tensor names and sizes, in order)."""
@@ -51,7 +53,7 @@ class Blend(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["blend"] = "blend"
-    models: dict[str, str] = Field(description="model name -> local Hugging Face folder")
+    models: dict[str, Reference] = Field(description="model name -> folder, org/name@revision or model+adapter")
     reference: str = Field(description="the model whose layout, config, tokenizer and non-float tensors are used")
     order: str = Field(description="digest of the canonical order the positions refer to")
     size: int = Field(gt=0, description="number of positions (floating parameters)")
@@ -92,15 +94,10 @@ class Blend(BaseModel):
             if stop >= end:
                 break
 
-    def resolve_paths(self, root: Path) -> Blend:
-        """Relative model paths made absolute against ``root`` when they exist there, else the cwd."""
-        models = {}
-        for name, path in self.models.items():
-            candidate = Path(path)
-            if not candidate.is_absolute():
-                candidate = root / path if (root / path).exists() else Path.cwd() / path
-            models[name] = str(candidate.resolve())
-        return self.model_copy(update={"models": models})
+    def resolve_models(self, root: Path, source: str = "recipe") -> Blend:
+        """A copy whose model references are pinned, as ``Recipe.resolve_models`` pins them."""
+        resolved = resolve_models(self.models, roots=[root, Path.cwd()], where=f"{source}: models", require_folder=False)
+        return self.model_copy(update={"models": {name: src.ref for name, src in resolved.items()}})
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)

@@ -3,19 +3,20 @@
 Users bring the configs they already have (``models``/``base_model``/``merge_method``/
 ``parameters``, or a single ``slices`` entry spanning every layer). Operator names and parameter
 names are mergekit's, and each operator's defaults are mergekit's, so a config means the same here
-as there. What evomerge cannot express (layer stacking or reordering, tokenizer unions, LoRA
-references, per-module configs) is refused with a one-line error rather than approximated.
+as there. Models are named as mergekit names them: folders, hub ids ``org/name@revision`` and
+LoRA sources ``model+adapter``. What evomerge cannot express (layer stacking or reordering,
+tokenizer unions, per-module configs) is refused with a one-line error rather than approximated.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.pool.sources import Reference, resolve_source, short_name
 from evomerge.recipe.schema import ParamSetting, Recipe
 from evomerge.validation import validate
 
@@ -40,13 +41,13 @@ _BASE_IS_INPUT = {"linear"}
 
 class _ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Reference
     parameters: dict[str, ParamSetting] | None = None
 
 
 class _SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Reference
     layer_range: tuple[int, int]
     parameters: dict[str, ParamSetting] | None = None
 
@@ -66,7 +67,7 @@ class MergekitConfig(BaseModel):
     merge_method: str
     models: list[_ModelEntry] | None = None
     slices: list[_Slice] | None = None
-    base_model: str | None = None
+    base_model: Reference | None = None
     parameters: dict[str, ParamSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
@@ -93,9 +94,6 @@ def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe:
     entries = _entries(config, source)
     if not entries:
         raise ConfigError(f"{source}: models: expected at least one model")
-    for ref, _ in entries:
-        if "+" in ref:
-            raise ConfigError(f"{source}: model '{ref}': LoRA references (model+lora) are not supported")
     refs = [ref for ref, _ in entries]
     if config.base_model is not None and config.base_model not in refs:
         refs.append(config.base_model)
@@ -162,8 +160,11 @@ def _entries(config: MergekitConfig, source: str) -> list[tuple[str, dict[str, P
 
 
 def _num_layers(ref: str) -> int | None:
-    """The layer count in a local model folder's config.json, when it can be read."""
-    path = Path(ref) / "config.json"
+    """The layer count in the config.json of a model already on disk (a folder, a cached hub id), if any."""
+    try:
+        path = resolve_source(ref, require_folder=False, download=False).path / "config.json"
+    except EvomergeError:
+        return None
     if not path.is_file():
         return None
     config = json.loads(path.read_text())
@@ -176,11 +177,11 @@ def _strip(params: dict[str, ParamSetting]) -> dict[str, ParamSetting]:
 
 
 def _short_names(refs: list[str]) -> dict[str, str]:
-    """Readable unique model names derived from the references' last path component."""
+    """Readable unique model names: the references' last path component (an adapter's, for a LoRA source)."""
     names: dict[str, str] = {}
     taken: set[str] = set()
     for ref in refs:
-        stem = PurePath(ref.rstrip("/")).name or "model"
+        stem = short_name(ref)
         name, n = stem, 2
         while name in taken:
             name, n = f"{stem}_{n}", n + 1

@@ -1,7 +1,8 @@
 """The recipe: a plain, serializable description of one merged model.
 
-A recipe names its models (local Hugging Face folders), the base, a merge method with its
-parameters, and *rules* that override the method or parameters for some layers, module kinds or
+A recipe names its models (local folders, Hugging Face ids ``org/name@revision``, LoRA sources
+``model+adapter`` or ``{model: ..., lora: ...}``: see ``evomerge.pool.sources``), the base, a merge
+method with its parameters, and *rules* that override the method or parameters for some layers, module kinds or
 tensor names. A parameter value is
 
 - a scalar (``0.5``),
@@ -32,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.pool.sources import Reference, resolve_models
 from evomerge.recipe.blend import Blend
 from evomerge.validation import read_yaml, validate
 
@@ -84,7 +86,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: dict[str, str] = Field(description="model name -> local Hugging Face folder")
+    models: dict[str, Reference] = Field(description="model name -> folder, org/name@revision or model+adapter")
     base: str | None = None
     sources: list[str] | None = Field(default=None, description="models merged; default: all but the base")
     method: str
@@ -132,16 +134,12 @@ class Recipe(BaseModel):
         """The model whose layout, config and tokenizer the output follows."""
         return self.base if self.base is not None else self.source_names[0]
 
-    def resolve_paths(self, root: Path) -> Recipe:
-        """A copy whose relative model paths are made absolute: against ``root`` (the recipe's folder)
-        when that folder exists there, else against the current directory (as mergekit does)."""
-        models = {}
-        for name, path in self.models.items():
-            candidate = Path(path)
-            if not candidate.is_absolute():
-                candidate = root / path if (root / path).exists() else Path.cwd() / path
-            models[name] = str(candidate.resolve())
-        return self.model_copy(update={"models": models})
+    def resolve_models(self, root: Path, source: str = "recipe") -> Recipe:
+        """A copy whose model references are pinned (``evomerge.pool.sources``): relative paths made
+        absolute against ``root`` (the recipe's folder) when that folder exists there, else against the
+        current directory (as mergekit does); hub ids fetched or found in the cache, at their commit."""
+        resolved = resolve_models(self.models, roots=[root, Path.cwd()], where=f"{source}: models", require_folder=False)
+        return self.model_copy(update={"models": {name: src.ref for name, src in resolved.items()}})
 
     def to_yaml(self) -> str:
         """The recipe as YAML, without defaulted fields."""
@@ -167,7 +165,7 @@ def load_recipe(path: str | Path) -> Blueprint:
         recipe: Blueprint = recipe_from_mergekit(data, str(path))
     else:
         recipe = recipe_from_dict(data, str(path))
-    return recipe.resolve_paths(path.parent)
+    return recipe.resolve_models(path.parent, str(path))
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Blueprint:
