@@ -91,13 +91,14 @@ def export_candidate(
     validation = dict(zip(view.objectives, scores))
     heldout = view.heldout(ticket)
     card = _card(view, ticket, validation, heldout)
-    folder = export_merge(recipe, out_dir, device=device, overwrite=overwrite, card_extra=card, progress=progress)
     try:
-        config = recipe_to_mergekit(recipe)
+        extra, why_not = {MERGEKIT_FILE: yaml.safe_dump(recipe_to_mergekit(recipe), sort_keys=False)}, None
     except ConfigError as err:
-        return folder, ticket, str(err)
-    (folder / MERGEKIT_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    return folder, ticket, None
+        extra, why_not = {}, str(err)
+    folder = export_merge(
+        recipe, out_dir, device=device, overwrite=overwrite, card_extra=card, extra_files=extra, progress=progress
+    )
+    return folder, ticket, why_not
 
 
 def _card(view: RunView, ticket: int, validation: dict[str, float], heldout: dict[str, float] | None) -> str:

@@ -28,6 +28,8 @@ from evomerge.pool.sources import ResolvedSource, Weights
 from evomerge.recipe import Blend, Blueprint, Recipe, RecipePlanner, order_digest
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+MANIFEST = ".evomerge-export.json"
+"""Lists the files an export wrote: ``--overwrite`` replaces a folder only when it holds nothing else."""
 _NOT_TOKENIZER = {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json", "zoo.json"}
 
 
@@ -39,13 +41,21 @@ def export_merge(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     card_extra: str = "",
+    extra_files: Mapping[str, str] | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Merge ``recipe`` (any kind) and write it to ``out_dir`` (safetensors, config, tokenizer, model card)."""
+    """Merge ``recipe`` (any kind) and write it to ``out_dir`` (safetensors, config, tokenizer, model card).
+
+    ``extra_files``: more text files (name → content) written into the folder with the model.
+    ``overwrite`` replaces an empty folder or an earlier export holding only what it wrote; a
+    folder with anything else in it is refused, untouched.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: output folder already exists (pass --overwrite to replace it)")
+    if out_dir.exists():
+        _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -62,6 +72,9 @@ def export_merge(
                 tokenizer_model = recipe.tokenizer or recipe.reference
             sources = {name: pool.source(name) for name in recipe.models}
             _write_metadata(recipe, pool.path(recipe.reference), pool.path(tokenizer_model), tmp, card_extra, sources)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / MANIFEST).write_text(json.dumps(sorted([MANIFEST, *(p.name for p in tmp.iterdir())])) + "\n")
         _finalize(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -227,6 +240,27 @@ def _describe(source: ResolvedSource) -> str:
     if source.adapter is None:
         return one(source.model)
     return f"LoRA adapter {one(source.adapter)} applied to {one(source.model)}"
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace ``out_dir`` unless it is empty or an export whose every entry it wrote itself."""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: --overwrite replaces only a folder evomerge exported; this is not a folder")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    try:
+        written = set(json.loads((out_dir / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(
+            f"{out_dir}: --overwrite replaces only a folder evomerge exported (no {MANIFEST} here); "
+            "choose another output folder"
+        ) from None
+    foreign = [name for name in entries if name not in written]
+    if foreign:
+        raise ConfigError(
+            f"{out_dir}: --overwrite would delete '{foreign[0]}', which evomerge did not write; move it or choose another folder"
+        )
 
 
 def _finalize(tmp: Path, out_dir: Path) -> None:
