@@ -80,7 +80,8 @@ def connect(path: Path, *, mode: str) -> sqlite3.Connection:
 
     A non-SQLite or corrupt file, a foreign SQLite file and a store written by a newer schema are
     one-line ``StoreError``s. Writers get WAL (set once at creation, persistent), NORMAL sync (the
-    store's ``WalSyncer`` flushes the WAL after the commits that must survive) and foreign keys; readers are query-only and never block the writer (WAL snapshots).
+    store's ``WalSyncer`` flushes the WAL after the commits that must survive) and foreign keys;
+    readers are query-only and never block the writer (WAL snapshots).
     """
     uri = f"file:{quote(str(path))}?mode={mode}"
     try:
