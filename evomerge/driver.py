@@ -14,15 +14,16 @@ recorded at the start) and that the fitness measures the same.
 
 At the end (budget spent, nothing in flight) the best candidate is scored on the held-out split
 (recorded in the store as split ``test``) and compared with each source model, the base and the
-uniform average of the sources; the comparison is written to ``summary.json``, whose presence marks
-the run as done.
+uniform average of the sources; the comparison is recorded in the store, which marks the run as
+done, and copied to ``summary.json`` (see ``evomerge.store.files``: every file beside the store is
+replaced atomically and durably, and ``resume`` first rebuilds any the store can tell is damaged).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import sys
 import time
 from collections import deque
@@ -46,12 +47,14 @@ from evomerge.runtime import Executor, Job, Outcome, build_executor, with_ray_ad
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy, get_strategy
 from evomerge.spaces import SearchSpace
 from evomerge.spaces.preview import experiment_space
-from evomerge.status import SUMMARY_FILE, WORKERS_FILE, read_summary
+from evomerge.status import read_summary
 from evomerge.store import DB_NAME, CandidateRecord, RunStore, StoreError
+from evomerge.store.files import EXPERIMENT_FILE, SUMMARY_FILE, WORKERS_FILE, repair_run_files, write_atomic, write_json
 from evomerge.store.lock import LOCK_NAME
-from evomerge.store.run_files import EXPERIMENT_FILE, check_replaceable, clear_run
+from evomerge.store.run_files import check_replaceable, clear_run
 
 METADATA_FORMAT = 2
+WORKERS_EVERY_SECONDS = 1.0
 
 
 def recipe_hash(recipe_json: str) -> str:
@@ -190,7 +193,7 @@ def start_run(
             clear_run(folder)
         store = _create_store(folder, session)
         with store:
-            (folder / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment.snapshot(), sort_keys=False))
+            write_atomic(folder / EXPERIMENT_FILE, yaml.safe_dump(experiment.snapshot(), sort_keys=False))
             driver = Driver(session, store, progress=progress)
             return driver.run()
     finally:
@@ -209,7 +212,8 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, ray_address: str |
                 f"{METADATA_FORMAT}: runs record their models' fingerprints); finish it with the evomerge that started it"
             )
         experiment = with_ray_address(Experiment.from_snapshot(metadata["experiment"], str(folder / EXPERIMENT_FILE)), ray_address)
-        summary = read_summary(folder)
+        repair_run_files(folder, store)
+        summary = read_summary(folder, store)
         if summary is not None:
             if progress:
                 print_summary(summary)
@@ -276,6 +280,7 @@ class Driver:
         self._cached = sum(1 for r in results if r.cached_from is not None)
         self._session_results = 0
         self._unsaved = 0
+        self._workers_written = -math.inf
         self._elapsed_before = 0.0
         self._clock = time.perf_counter()
         best = store.best()
@@ -329,7 +334,7 @@ class Driver:
         if self._unsaved:
             self._checkpoint()
         summary = self._summarize()
-        self._write_workers()
+        self._write_workers(force=True)
         if self._display.enabled:
             print_summary(summary)
         return summary
@@ -416,11 +421,16 @@ class Driver:
         self._told(evaluation)
         self._write_workers()
 
-    def _write_workers(self) -> None:
-        """Per-worker state for ``status`` (a small file rewritten atomically; the store stays append-only)."""
+    def _write_workers(self, *, force: bool = False) -> None:
+        """Per-worker state for ``status`` (a small file replaced atomically; the store stays append-only),
+        at most once per ``WORKERS_EVERY_SECONDS``: fast candidates should not each pay two fsyncs."""
+        now = time.monotonic()
+        if not force and now - self._workers_written < WORKERS_EVERY_SECONDS:
+            return
         states = self.executor.worker_states()
         if states:
-            _write_json_atomic(Path(self.store.path).parent / WORKERS_FILE, {"updated": time.time(), "workers": states})
+            write_json(Path(self.store.path).parent / WORKERS_FILE, {"updated": time.time(), "workers": states})
+            self._workers_written = now
 
     def _told(self, evaluation: Evaluation) -> None:
         """Tell the strategy a result already in the store; checkpoint every ``checkpoint_every`` results."""
@@ -479,7 +489,8 @@ class Driver:
             "evaluations": self._n_results,
             "elapsed_seconds": round(self.elapsed, 3),
         }
-        _write_json_atomic(Path(self.store.path).parent / SUMMARY_FILE, summary)
+        self.store.save_summary(summary)
+        write_json(Path(self.store.path).parent / SUMMARY_FILE, summary)
         return summary
 
     def _evaluate(self, job: Job) -> Outcome:
@@ -544,10 +555,3 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
         columns.remove(AGGREGATE)
         columns.insert(0, AGGREGATE)
     return columns
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
-

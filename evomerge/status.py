@@ -9,7 +9,6 @@ Objective values follow the store's maximize convention: a minimized metric appe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,22 @@ import numpy as np
 from rich.console import Console
 
 from evomerge.store import RunStore
-from evomerge.store.run_files import SUMMARY_FILE, WORKERS_FILE
+from evomerge.store.files import SUMMARY_FILE, WORKERS_FILE, read_json_object, workers_in
 
 PAUSE_FACTOR = 20.0
 PAUSE_MIN_SECONDS = 60.0
 
 
-def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's closing summary (``summary.json``), or None while the run is not done."""
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_summary(run_dir: str | Path, store: RunStore | None = None) -> dict[str, Any] | None:
+    """The run's closing summary — the store's, else ``summary.json`` (runs finished before the
+    store kept it) — or None while the run is not done (a damaged file counts as none)."""
+    stored = None if store is None else store.summary
+    return stored if stored is not None else read_json_object(Path(run_dir) / SUMMARY_FILE)
 
 
 def read_workers(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The executor's per-worker state as of its last result (``workers.json``), [] before any."""
-    path = Path(run_dir) / WORKERS_FILE
-    return list(json.loads(path.read_text())["workers"]) if path.is_file() else []
+    """The executor's per-worker state as of its last write (``workers.json``); [] if none or damaged."""
+    return workers_in(read_json_object(Path(run_dir) / WORKERS_FILE)) or []
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -47,8 +46,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         candidates = store.count()
         best = store.best()
         parents = {c.ticket: tuple(c.proposal.parents) for c in store.candidates()}
+        summary = read_summary(folder, store)
     experiment = metadata["experiment"]
-    summary = read_summary(folder)
     best_data = None
     if best is not None:
         test = heldout.get(best.ticket)
@@ -135,9 +134,10 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
             line += " | held-out " + ", ".join(f"{k} {v:.4f}" for k, v in best["heldout"].items())
         console.print(line)
     for worker in status.get("workers", []):
+        where = f" on {worker['node']} ({worker['device']})" if worker["node"] is not None else ""
         console.print(
-            f"  worker {worker['name']}: {worker['state'] if not status['done'] else 'stopped'} on {worker['node']} "
-            f"({worker['device']}), {worker['evaluations']} evaluations, {worker['failures']} failures"
+            f"  worker {worker['name']}: {worker['state'] if not status['done'] else 'stopped'}{where}, "
+            f"{worker['evaluations']} evaluations, {worker['failures']} failures"
             + (f", replaced {worker['restarts']}×" if worker.get("restarts") else "")
         )
     archive = status.get("archive")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from evomerge.recipe import recipe_from_dict
 from evomerge.recipe.mergekit_config import recipe_from_mergekit
 from evomerge.recipe.mergekit_export import recipe_to_mergekit
 from evomerge.status import SUMMARY_FILE, run_status
-from evomerge.store import RunStore, StoreError
+from evomerge.store import DB_NAME, RunStore, StoreError
 from evomerge.store.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,9 +165,11 @@ def test_front_lists_exactly_the_non_dominated_candidates(make_run, capsys):
 
 def test_front_and_report_on_a_live_and_on_a_stopped_run(make_run):
     run = make_run()
+    (run / SUMMARY_FILE).rename(run / "summary.moved")
+    with sqlite3.connect(run / DB_NAME) as raw:  # the run as it was before its end
+        raw.execute("DELETE FROM meta WHERE key = 'summary'")
     lock = RunLock.acquire(run)  # what a live driver holds
     try:
-        (run / SUMMARY_FILE).rename(run / "summary.moved")
         assert RunView.load(run).state == "running" and pareto_front(run)
         assert "This run is in progress" in write_report(run).read_text()
     finally:

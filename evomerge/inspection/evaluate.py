@@ -16,7 +16,7 @@ from evomerge.inspection.front import pareto_front
 from evomerge.inspection.run_view import RunView
 from evomerge.recipe import recipe_from_dict
 from evomerge.store import RunStore
-from evomerge.store.run_files import EXPERIMENT_FILE
+from evomerge.store.files import EXPERIMENT_FILE
 
 SPLITS = ("test",)
 

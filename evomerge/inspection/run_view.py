@@ -40,7 +40,7 @@ class RunView:
             metadata = store.metadata
             candidates = {c.ticket: c for c in store.candidates()}
             results = {split: store.results(split) for split in ("validation", "test")}
-        summary = read_summary(folder)
+            summary = read_summary(folder, store)
         state = "finished" if summary is not None else "running" if RunLock.in_use(folder) else "stopped"
         experiment = metadata["experiment"]
         return cls(

@@ -12,12 +12,10 @@ import shutil
 from pathlib import Path
 
 from evomerge.store.errors import StoreError
+from evomerge.store.files import EXPERIMENT_FILE, SUMMARY_FILE, TEMPORARY_SUFFIX, WORKERS_FILE
 from evomerge.store.lock import LOCK_NAME, RunLock
 from evomerge.store.run_store import DB_NAME, RunStore
 
-EXPERIMENT_FILE = "experiment.yaml"
-SUMMARY_FILE = "summary.json"
-WORKERS_FILE = "workers.json"
 REPORT_DIR = "report"
 TRACKER_DIR = "tracker"
 
@@ -27,10 +25,11 @@ RUN_FILES: tuple[str, ...] = (
     f"{DB_NAME}-shm",
     f"{DB_NAME}-journal",
     EXPERIMENT_FILE,
+    Path(EXPERIMENT_FILE).with_suffix(TEMPORARY_SUFFIX).name,
     SUMMARY_FILE,
-    "summary.tmp",
+    Path(SUMMARY_FILE).with_suffix(TEMPORARY_SUFFIX).name,
     WORKERS_FILE,
-    "workers.tmp",
+    Path(WORKERS_FILE).with_suffix(TEMPORARY_SUFFIX).name,
     f"{REPORT_DIR}/index.html",
     f"{REPORT_DIR}/*.png",
     f"{TRACKER_DIR}/tensorboard/events.out.tfevents.*",

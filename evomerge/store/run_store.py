@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from evomerge.search.types import Evaluation, Proposal
+from evomerge.store.durability import WalSyncer
 from evomerge.store.errors import StoreError
+from evomerge.store.files import fsync_directory
 from evomerge.store.lock import RunLock
 from evomerge.store.schema import connect
 
@@ -109,6 +111,7 @@ class RunStore:
         self._keep = keep_checkpoints
         self._seq = self._max_seq()
         self._ids: dict[str | None, tuple[str, ...]] = {}
+        self._syncer: WalSyncer | None = None if lock is None else WalSyncer(path.with_name(path.name + "-wal"))
 
     @classmethod
     def create(
@@ -126,6 +129,7 @@ class RunStore:
             conn = connect(path, mode="rwc")
             created = json.dumps(time.time())
             conn.execute("INSERT INTO meta VALUES ('metadata', ?), ('created', ?)", (_dumps(metadata or {}), created))
+            fsync_directory(run_dir)  # SQLite syncs its file, not the folder entry naming it
         except BaseException:
             lock.release()
             raise
@@ -151,9 +155,18 @@ class RunStore:
         return cls(path, connect(path, mode="ro"), None, 0)
 
     def close(self) -> None:
-        self._conn.close()
-        if self._lock is not None:
-            self._lock.release()
+        try:
+            if self._syncer is not None:
+                self._syncer.close()
+        finally:
+            self._conn.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def sync(self) -> None:
+        """Wait until every write so far is on disk (results are flushed in the background anyway)."""
+        if self._syncer is not None:
+            self._syncer.sync()
 
     def __enter__(self) -> RunStore:
         return self
@@ -174,6 +187,12 @@ class RunStore:
     def metadata(self) -> dict[str, Any]:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'metadata'").fetchone()
         return json.loads(row[0])
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The run's closing summary (``save_summary``), or None while the run is not done."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'summary'").fetchone()
+        return None if row is None else json.loads(row[0])
 
     # -- writes (each one a committed transaction) ------------------------------------------
 
@@ -232,7 +251,7 @@ class RunStore:
 
         Non-finite objectives are recorded as a failure, as the strategy will treat them.
         """
-        self._writable()
+        syncer = self._writable()
         if split not in SPLITS:
             raise ValueError(f"add_result: split must be one of {SPLITS}, got {split!r}")
         evaluation = evaluation.sanitized()
@@ -266,6 +285,7 @@ class RunStore:
         if cursor.rowcount != 1:
             raise ValueError(f"add_result: unknown ticket {evaluation.ticket}")
         self._seq = seq
+        syncer.request()
         return seq
 
     def _record_example_ids(self, fitness_hash: str | None, ids: tuple[str, ...]) -> None:
@@ -292,7 +312,7 @@ class RunStore:
         Older checkpoints beyond ``keep_checkpoints`` are deleted in the same transaction: they are
         superseded snapshots, and a full-covariance state can weigh megabytes.
         """
-        self._writable()
+        syncer = self._writable()
         seq = self._seq if seq is None else seq
         text = json.dumps(state, allow_nan=False, separators=(",", ":"))
         self._conn.execute("BEGIN IMMEDIATE")
@@ -308,7 +328,18 @@ class RunStore:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+        syncer.request()
         return int(cursor.lastrowid)
+
+    def save_summary(self, summary: Mapping[str, Any]) -> None:
+        """Record the run's closing summary once: from then on the run is done (``summary.json``
+        is its copy for people and tools, rebuilt from here if it is lost or damaged)."""
+        syncer = self._writable()
+        try:
+            self._conn.execute("INSERT INTO meta VALUES ('summary', ?)", (_dumps(summary),))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"save_summary: {self.path} already holds a summary") from None
+        syncer.sync()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -398,6 +429,14 @@ class RunStore:
         ok, failed = done.get("ok", 0), done.get("failed", 0)
         return {"pending": total - ok - failed - running, "running": running, "ok": ok, "failed": failed}
 
+    def worker_totals(self) -> dict[str, tuple[int, int]]:
+        """Per worker that evaluated candidates: (validation results, failures), by first result."""
+        rows = self._conn.execute(
+            "SELECT worker, COUNT(*), SUM(status = 'failed') FROM results WHERE worker IS NOT NULL "
+            "AND split = 'validation' GROUP BY worker ORDER BY MIN(seq)"
+        )
+        return {worker: (int(n), int(failed)) for worker, n, failed in rows}
+
     def lookup_cache(self, recipe_hash: str, fitness_hash: str, split: str = "validation") -> ResultRecord | None:
         """The first successful result for this (recipe, fitness spec), if any; failures are not cached."""
         row = self._conn.execute(
@@ -415,9 +454,11 @@ class RunStore:
     def _result(self, row: tuple[Any, ...]) -> ResultRecord:
         return _result(row, self._ids_for(row[5], row[6]))
 
-    def _writable(self) -> None:
-        if self._lock is None:
+    def _writable(self) -> WalSyncer:
+        """The writer's syncer; a read-only store refuses writes."""
+        if self._syncer is None:
             raise StoreError(f"{self.path}: opened read-only")
+        return self._syncer
 
     def _max_seq(self) -> int:
         row = self._conn.execute(

@@ -86,8 +86,10 @@ def connect(path: Path, *, mode: str) -> sqlite3.Connection:
     """Open ``path`` (``mode``: 'rwc' create, 'rw' write, 'ro' read) and check it is our store.
 
     A non-SQLite or corrupt file, a foreign SQLite file and a store written by a newer schema are
-    one-line ``StoreError``s; a schema-1 store is upgraded when opened for writing. Writers get WAL (set once at creation, persistent), NORMAL sync and
-    foreign keys; readers are query-only and never block the writer (WAL snapshots).
+    one-line ``StoreError``s; a schema-1 store is upgraded when opened for writing. Writers get WAL
+    (set once at creation, persistent), NORMAL sync (the store's ``WalSyncer`` flushes the WAL after
+    the commits that must survive) and foreign keys; readers are query-only and never block the
+    writer (WAL snapshots).
     """
     uri = f"file:{quote(str(path))}?mode={mode}"
     try:
