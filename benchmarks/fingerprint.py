@@ -27,7 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.pool.fingerprint import SAMPLE_BYTES, SAMPLES_PER_TENSOR, fingerprint_model
+from evomerge.pool.fingerprint import (
+    SAMPLE_BYTES,
+    SAMPLES_PER_TENSOR,
+    fingerprint_model,
+)
 
 LAYERS, HIDDEN, FFN, VOCAB = 32, 4096, 11008, 32000
 SHARDS = 3

@@ -30,8 +30,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 
-from evomerge.driver import start_run  # noqa: E402
 from evomerge.experiment import load_experiment  # noqa: E402
+from evomerge.run import start_run  # noqa: E402
 from evomerge.runtime import Job, build_executor  # noqa: E402
 from evomerge.spaces.preview import experiment_space  # noqa: E402
 from evomerge.status import run_status  # noqa: E402

@@ -67,7 +67,7 @@ def _cmd_zoo_pico(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.driver import start_run
+    from evomerge.run import start_run
 
     start_run(
         args.experiment,
@@ -98,7 +98,7 @@ def _cmd_space(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.driver import resume_run
+    from evomerge.run import resume_run
 
     resume_run(args.run_dir, progress=not args.quiet, ray_address=args.ray_address)
     return 0

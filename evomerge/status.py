@@ -16,7 +16,12 @@ import numpy as np
 from rich.console import Console
 
 from evomerge.store import RunStore
-from evomerge.store.files import SUMMARY_FILE, WORKERS_FILE, read_json_object, workers_in
+from evomerge.store.files import (
+    SUMMARY_FILE,
+    WORKERS_FILE,
+    read_json_object,
+    workers_in,
+)
 
 PAUSE_FACTOR = 20.0
 PAUSE_MIN_SECONDS = 60.0

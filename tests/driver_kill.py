@@ -22,7 +22,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evomerge import driver as driver_module  # noqa: E402
+from evomerge.run import session as session_module  # noqa: E402
 from evomerge.runtime import Executor, LocalExecutor, Outcome, worker_spec  # noqa: E402
 from evomerge.search.base import Strategy  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
     if separator != "--":
         raise SystemExit(__doc__)
     if int(slots) > 1:
-        driver_module.build_executor = out_of_order(int(slots))
+        session_module.build_executor = out_of_order(int(slots))
     arm(step, int(n))
     from evomerge import cli
 

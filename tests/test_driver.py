@@ -20,12 +20,13 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from evomerge import cli
-from evomerge.driver import EXPERIMENT_FILE, reference_recipes, resume_run, start_run
 from evomerge.errors import ConfigError
 from evomerge.experiment import load_experiment
+from evomerge.run import reference_recipes, resume_run, start_run
 from evomerge.search import STRATEGIES, Proposal, Strategy, register_strategy
 from evomerge.status import SUMMARY_FILE, run_status
 from evomerge.store import RunStore, StoreError
+from evomerge.store.files import EXPERIMENT_FILE
 from evomerge.store.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]

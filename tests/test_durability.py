@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.driver import resume_run, start_run
+from evomerge.run import resume_run, start_run
 from evomerge.search import Evaluation, Proposal
 from evomerge.status import run_status
 from evomerge.store import DB_NAME, RunStore

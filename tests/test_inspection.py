@@ -19,16 +19,20 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from evomerge import cli
-from evomerge.driver import start_run
 from evomerge.errors import ConfigError
 from evomerge.inspection import RunView, hypervolume, nondominated_ranks, pareto_front
 from evomerge.inspection.compare import compare_runs
 from evomerge.inspection.evaluate import evaluate_candidates
-from evomerge.inspection.export_candidate import MERGEKIT_FILE, export_candidate, parse_preferences
+from evomerge.inspection.export_candidate import (
+    MERGEKIT_FILE,
+    export_candidate,
+    parse_preferences,
+)
 from evomerge.inspection.report import write_report
 from evomerge.recipe import recipe_from_dict
 from evomerge.recipe.mergekit_config import recipe_from_mergekit
 from evomerge.recipe.mergekit_export import recipe_to_mergekit
+from evomerge.run import start_run
 from evomerge.status import SUMMARY_FILE, run_status
 from evomerge.store import DB_NAME, RunStore, StoreError
 from evomerge.store.lock import RunLock
@@ -311,7 +315,7 @@ def test_evaluate_scores_the_front_once_and_stores_it(make_run, calls, capsys):
 def test_a_failed_heldout_evaluation_is_retried(make_run, tmp_path, calls, capsys, monkeypatch):
     """A held-out evaluation that failed (say, out of memory) stays recorded, and the next
     ``evaluate`` — or the end-of-run summary of a resumed run — scores the candidate again."""
-    from evomerge.driver import resume_run
+    from evomerge.run import resume_run
 
     flag = tmp_path / "heldout-fails"
     monkeypatch.setenv("INSPECTION_HELDOUT_FAILS", str(flag))

@@ -16,9 +16,13 @@ from evomerge.errors import ConfigError
 from evomerge.materialize import ResidentMerger, export_merge
 from evomerge.pool import ModelPool
 from evomerge.recipe import Blend, load_recipe
-from evomerge.search import Evaluation, Proposal, build_strategy
+from evomerge.search import Evaluation, build_strategy
 from evomerge.search.layout import GenomeLayout, Reference
-from evomerge.search.natural_niches import parent_a_probabilities, parent_b_probabilities, shared_fitness
+from evomerge.search.natural_niches import (
+    parent_a_probabilities,
+    parent_b_probabilities,
+    shared_fitness,
+)
 from evomerge.spaces import PoolInfo, build_space
 from evomerge.spaces.split_point import SplitPointSpace
 
@@ -320,7 +324,7 @@ def niche_experiment(tmp_path, family, monkeypatch):
 def _child(experiment: str, run: str, resume: bool, kill_at: int) -> None:
     import os
 
-    from evomerge.driver import resume_run, start_run
+    from evomerge.run import resume_run, start_run
 
     os.environ["NN_TEST_KILL_AT"] = str(kill_at)
     os.environ["NN_TEST_CALLS"] = "0"
@@ -353,7 +357,7 @@ def recorded(run) -> tuple[list, list]:
 
 def test_a_niches_run_breeds_blends_resumes_exactly_and_exports(niche_experiment, tmp_path, family):
     from evomerge.cli import main
-    from evomerge.driver import resume_run, start_run
+    from evomerge.run import resume_run, start_run
     from evomerge.status import run_status
 
     reference = tmp_path / "reference"

@@ -244,7 +244,11 @@ def test_fingerprint_samples_every_window_of_a_large_tensor(tmp_path):
     from safetensors.torch import save_file
 
     from evomerge.io.safetensors_reader import read_safetensors_header
-    from evomerge.pool.fingerprint import SAMPLE_BYTES, SAMPLES_PER_TENSOR, fingerprint_model
+    from evomerge.pool.fingerprint import (
+        SAMPLE_BYTES,
+        SAMPLES_PER_TENSOR,
+        fingerprint_model,
+    )
 
     folder = tmp_path / "big"
     folder.mkdir()

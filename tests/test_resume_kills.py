@@ -19,13 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import driver_kill
 import pytest
 import torch
 import yaml
 
-import driver_kill
-from evomerge import driver as driver_module
-from evomerge.driver import resume_run, start_run
+from evomerge.run import resume_run, start_run
+from evomerge.run import session as session_module
 from evomerge.store import RunStore
 from evomerge.store.files import SUMMARY_FILE
 
@@ -144,7 +144,7 @@ def killed_at(step: str, n: int, argv: list[str]) -> bool:
 def test_the_driver_killed_between_any_two_steps_resumes_to_the_uninterrupted_run(
     strategy, tmp_path, pico_family, monkeypatch
 ):
-    monkeypatch.setattr(driver_module, "build_executor", driver_kill.out_of_order(SLOTS))
+    monkeypatch.setattr(session_module, "build_executor", driver_kill.out_of_order(SLOTS))
     experiment = write_experiment(tmp_path, pico_family, STRATEGIES[strategy])
     start_run(experiment, run_dir=tmp_path / "reference", progress=False)
     reference = contents(tmp_path / "reference")

@@ -17,7 +17,15 @@ from evomerge.zoo.build import build_zoo
 from evomerge.zoo.corpus import base_sequence, task_sequence
 from evomerge.zoo.fitness_files import write_fitness
 from evomerge.zoo.index import ZooIndex
-from evomerge.zoo.languages import ANS, DIGITS_A, DIGITS_B, EOS, to_a, to_lang, vocabulary
+from evomerge.zoo.languages import (
+    ANS,
+    DIGITS_A,
+    DIGITS_B,
+    EOS,
+    to_a,
+    to_lang,
+    vocabulary,
+)
 from evomerge.zoo.model import aligned_embeddings
 from evomerge.zoo.quick_eval import exact_match
 from evomerge.zoo.spec import load_spec, parse_spec, spec_hash

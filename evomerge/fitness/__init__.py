@@ -7,7 +7,12 @@
 from evomerge.fitness.base import Fitness, canonical_hash
 from evomerge.fitness.callable_fitness import CallableFitness
 from evomerge.fitness.lm_eval_fitness import LmEvalFitness
-from evomerge.fitness.result import Direction, ExampleScores, FitnessResult, weighted_fitness
+from evomerge.fitness.result import (
+    Direction,
+    ExampleScores,
+    FitnessResult,
+    weighted_fitness,
+)
 from evomerge.fitness.spec import AGGREGATE, FitnessSpec, TaskSpec, parse_fitness_spec
 
 __all__ = [

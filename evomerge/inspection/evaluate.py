@@ -30,9 +30,10 @@ def evaluate_candidates(
     on_result: Callable[[int, dict[str, float] | None, str | None], None] | None = None,
 ) -> dict[int, dict[str, float] | None]:
     """Score the front (``front=True``) and/or ``candidates`` on ``split``; returns id → objectives (None if it failed)."""
-    from evomerge.driver import Objectives, fitness_hash
     from evomerge.experiment import Experiment
     from evomerge.pool.fingerprint import check_unchanged, fingerprint_models
+    from evomerge.run.heldout import Heldout, run_job
+    from evomerge.run.objectives import Objectives
     from evomerge.runtime import Job, build_executor
 
     if split not in SPLITS:
@@ -61,22 +62,12 @@ def evaluate_candidates(
         fingerprints = fingerprint_models(experiment.models)
         check_unchanged(store.metadata.get("fingerprints"), fingerprints, experiment.models, str(view.run_dir))
         with build_executor(experiment) as executor:
-            digest = fitness_hash(executor.describe_fitness(split), view.objectives, fingerprints)
+            heldout = Heldout(store, executor, objectives, fingerprints, split)
             for ticket in todo:
                 recipe = recipe_from_dict(view.recipe(ticket), f"{view.run_dir}: candidate {ticket}")
-                executor.submit(Job(ticket, recipe, split))
-                outcome = _wait(executor, ticket, split)
-                evaluation, error = objectives.evaluation(ticket, outcome)
-                store.add_result(evaluation, split=split, fitness_hash=digest, worker=outcome.worker,
-                                 started=outcome.started, timings=outcome.timings, error=error)
+                evaluation, error = heldout.record(ticket, run_job(executor, Job(ticket, recipe, split)))
                 scored[ticket] = None if evaluation.failed else dict(zip(view.objectives, evaluation.objectives.tolist()))
                 if on_result is not None:
                     on_result(ticket, scored[ticket], error)
     return scored
 
-
-def _wait(executor, ticket: int, split: str):
-    while True:
-        for outcome in executor.poll(timeout=1.0):
-            if outcome.key == ticket and outcome.split == split:
-                return outcome

@@ -17,12 +17,24 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from evomerge.errors import ConfigError
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
 from evomerge.materialize.blocks import blockwise, merge_blocks
-from evomerge.materialize.tensors import BufferPool, blend_tensor, is_mergeable, merge_tensor, output_dtype
+from evomerge.materialize.tensors import (
+    BufferPool,
+    blend_tensor,
+    is_mergeable,
+    merge_tensor,
+    output_dtype,
+)
 from evomerge.pool import ModelPool
 from evomerge.pool.sources import ResolvedSource, Weights
 from evomerge.recipe import Blend, Blueprint, Recipe, RecipePlanner, order_digest

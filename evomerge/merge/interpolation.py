@@ -15,8 +15,23 @@ from collections.abc import Iterator
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.chunking import Scratch, chunk_size, finish, flat, for_chunks, output_for, split
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, lockstep, register_operator
+from evomerge.merge.chunking import (
+    Scratch,
+    chunk_size,
+    finish,
+    flat,
+    for_chunks,
+    output_for,
+    split,
+)
+from evomerge.merge.registry import (
+    ParamDef,
+    Params,
+    TensorInputs,
+    TensorStream,
+    lockstep,
+    register_operator,
+)
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8

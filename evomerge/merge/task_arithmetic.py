@@ -31,7 +31,13 @@ from evomerge.errors import ConfigError
 from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for, split
 from evomerge.merge.consensus import combine
 from evomerge.merge.fused import fused_merge
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, register_operator
+from evomerge.merge.registry import (
+    ParamDef,
+    Params,
+    TensorInputs,
+    TensorStream,
+    register_operator,
+)
 from evomerge.merge.sparsify import (
     KeepAll,
     KeepBernoulli,

@@ -8,7 +8,15 @@ candidate's blueprint as JSON with its kind.
 
 from evomerge.recipe.blend import Blend, Segment, order_digest
 from evomerge.recipe.resolve import RecipePlanner, TensorPlan
-from evomerge.recipe.schema import RECIPE_KINDS, Blueprint, Recipe, Rule, load_recipe, recipe_from_dict
+from evomerge.recipe.schema import (
+    RECIPE_KINDS,
+    Blueprint,
+    Recipe,
+    Rule,
+    load_recipe,
+    recipe_from_dict,
+    recipe_hash,
+)
 
 __all__ = [
     "RECIPE_KINDS",
@@ -22,4 +30,5 @@ __all__ = [
     "load_recipe",
     "order_digest",
     "recipe_from_dict",
+    "recipe_hash",
 ]

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -175,3 +176,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Blueprint:
         raise ConfigError(f"{source}: kind: unknown recipe kind {kind!r}; known: {', '.join(RECIPE_KINDS)}")
     body = {k: v for k, v in data.items() if k != "kind"} if kind == "recipe" else data
     return validate(RECIPE_KINDS[kind], body, source)  # type: ignore[return-value]
+
+
+def recipe_hash(recipe_json: str) -> str:
+    """The fitness-cache key of a recipe of any kind: a digest of its JSON (what the run store keeps)."""
+    return hashlib.blake2b(recipe_json.encode(), digest_size=16).hexdigest()

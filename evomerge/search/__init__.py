@@ -12,7 +12,12 @@ from evomerge.search import natural_niches as _natural_niches  # noqa: F401  (re
 from evomerge.search import optuna_samplers as _optuna_samplers  # noqa: F401  (registers "optuna")
 from evomerge.search import random_search as _random_search  # noqa: F401  (registers "random")
 from evomerge.search.base import Strategy, StrategySettings
-from evomerge.search.registry import STRATEGIES, build_strategy, get_strategy, register_strategy
+from evomerge.search.registry import (
+    STRATEGIES,
+    build_strategy,
+    get_strategy,
+    register_strategy,
+)
 from evomerge.search.types import Evaluation, Proposal
 
 __all__ = [

@@ -25,8 +25,8 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import ConfigError
-from evomerge.search.layout import GenomeLayout
 from evomerge.search.base import Strategy, StrategySettings
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.registry import register_strategy
 from evomerge.search.serialize import random_state_from_dict, random_state_to_dict
 from evomerge.search.types import Evaluation, Proposal

@@ -28,8 +28,8 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import ConfigError
-from evomerge.search.layout import GenomeLayout
 from evomerge.search.base import Strategy, StrategySettings
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.registry import register_strategy
 from evomerge.search.types import Evaluation, Proposal
 

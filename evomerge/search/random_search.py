@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.search.layout import GenomeLayout
 from evomerge.search.base import Strategy
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.registry import register_strategy
 from evomerge.search.types import Evaluation, Proposal
 

@@ -4,7 +4,13 @@ from pathlib import Path
 
 from evomerge.spaces import parameter as _parameter  # noqa: F401  (registers "parameter")
 from evomerge.spaces import split_point as _split_point  # noqa: F401  (registers "split_point")
-from evomerge.spaces.base import SPACES, PoolInfo, SearchSpace, build_space, register_space
+from evomerge.spaces.base import (
+    SPACES,
+    PoolInfo,
+    SearchSpace,
+    build_space,
+    register_space,
+)
 from evomerge.validation import read_yaml
 
 

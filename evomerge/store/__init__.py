@@ -49,7 +49,13 @@ Properties:
 
 from evomerge.store.errors import StoreError
 from evomerge.store.lock import LOCK_NAME, RunLock
-from evomerge.store.run_store import DB_NAME, CandidateRecord, Checkpoint, ResultRecord, RunStore
+from evomerge.store.run_store import (
+    DB_NAME,
+    CandidateRecord,
+    Checkpoint,
+    ResultRecord,
+    RunStore,
+)
 from evomerge.store.schema import SCHEMA_VERSION
 
 __all__ = [

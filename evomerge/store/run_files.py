@@ -12,7 +12,12 @@ import shutil
 from pathlib import Path
 
 from evomerge.store.errors import StoreError
-from evomerge.store.files import EXPERIMENT_FILE, SUMMARY_FILE, TEMPORARY_SUFFIX, WORKERS_FILE
+from evomerge.store.files import (
+    EXPERIMENT_FILE,
+    SUMMARY_FILE,
+    TEMPORARY_SUFFIX,
+    WORKERS_FILE,
+)
 from evomerge.store.lock import LOCK_NAME, RunLock
 from evomerge.store.run_store import DB_NAME, RunStore
 

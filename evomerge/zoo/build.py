@@ -19,17 +19,36 @@ from pathlib import Path
 
 import torch
 import yaml
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.zoo.corpus import Sequence, base_sequence, task_sequence
 from evomerge.zoo.fitness_files import write_fitness
-from evomerge.zoo.folder import BUILD_MARKER, INDEX_FILE, SPEC_FILE, cached_index, check_buildable
+from evomerge.zoo.folder import (
+    BUILD_MARKER,
+    INDEX_FILE,
+    SPEC_FILE,
+    cached_index,
+    check_buildable,
+)
 from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
 from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
 from evomerge.zoo.model_card import model_card
 from evomerge.zoo.quick_eval import accuracy
-from evomerge.zoo.spec import BaseSpec, ExpertSpec, ZooSpec, load_spec, parse_spec, spec_hash
+from evomerge.zoo.spec import (
+    BaseSpec,
+    ExpertSpec,
+    ZooSpec,
+    load_spec,
+    parse_spec,
+    spec_hash,
+)
 from evomerge.zoo.tasks import task
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import TrainConfig, TrainStats, train
