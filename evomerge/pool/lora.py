@@ -21,7 +21,6 @@ LoRA variants, initialisations that rewrite the base weights) are refused with a
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import ModelError
+from evomerge.io.config import read_json_object
 from evomerge.io.safetensors_reader import PICKLE_SUFFIXES, TensorIndex
 
 CONFIG_FILE = "adapter_config.json"
@@ -156,13 +156,7 @@ def _read_config(folder: Path, where: str) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{where}: {folder} is not a LoRA adapter (no {CONFIG_FILE})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _check_kind(config: dict[str, Any], where: str) -> None:
