@@ -12,8 +12,8 @@ breed blends of the experts (``kind: split_point``):
 Per run: the best candidate's held-out accuracy on each skill (from the run's summary: the best
 on the validation mean, scored on the whole test split), the mean *retention* (its accuracy on each
 skill ÷ that skill's expert's, averaged), and the *coverage*: the share of validation examples
-solved by at least one of the run's ``--top`` best candidates (the archive, for the breeding
-methods). The paper claims M2N2 preserves skills CMA-ES loses; the table says whether it does here.
+solved by at least one member of the run's population: the archive for the breeding methods, the
+``--top`` best candidates for CMA-ES. The paper claims M2N2 preserves skills CMA-ES loses; the table says whether it does here.
 
     EVOMERGE_ZOO=.cache/zoo python benchmarks/niches_vs_cmaes.py [--seeds 0,1,2] [--budget 150]
                                [--methods niches,cmaes,ga,no-attraction,no-competition,no-split] [--out runs/niches-bench]
@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.run import start_run  # noqa: E402
-from evomerge.status import read_summary  # noqa: E402
+from evomerge.status import read_summary, run_status  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,11 +72,15 @@ def measure(run: Path, top: int) -> dict[str, float]:
     best = summary["rows"][0]["objectives"]
     out = {task: best[task] for task in SKILLS}
     out["retention"] = statistics.mean(best[task] / max(rows[expert][task], 1e-9) for task, expert in SKILLS.items())
+    archive = run_status(run).get("archive")
     with RunStore.open_reader(run) as store:
         results = [r for r in store.results() if r.ok and r.evaluation.per_example is not None]
-    results.sort(key=lambda r: -float(r.evaluation.objectives[0]))
-    solved = np.stack([r.evaluation.per_example for r in results[:top]]).max(axis=0)
-    out["coverage"] = float(solved.mean())
+    if archive is not None:  # a breeding method's population: its archive
+        members = {m["candidate"] for m in archive["members"]}
+        kept = [r for r in results if r.ticket in members]
+    else:  # CMA-ES keeps no population: its ``top`` best candidates
+        kept = sorted(results, key=lambda r: -float(r.evaluation.objectives[0]))[:top]
+    out["coverage"] = float(np.stack([r.evaluation.per_example for r in kept]).max(axis=0).mean())
     return out
 
 
