@@ -180,3 +180,23 @@ def test_space_prints_genes_and_the_decoded_recipe(experiment, pico_family, caps
     assert capsys.readouterr().err == f"error: --genome: expected {len(genes)} numbers in [0, 1], got 2 value(s) '1,2'\n"
     assert cli.main(["space", str(experiment), "--genome", "x"]) == 2
     assert "--genome: expected 'init', 'random' or" in capsys.readouterr().err
+
+
+def test_builtin_task_offline_without_its_dataset_is_refused_before_the_run_dir(
+    experiment, tmp_path, capsys, monkeypatch
+):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    data = yaml.safe_load(experiment.read_text())
+    data["fitness"]["tasks"] = [{"task": "arc_easy", "metric": "acc"}]
+    experiment.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert cli.main(["run", str(experiment), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fitness task 'arc_easy': dataset allenai/ai2_arc (ARC-Easy) is not in the local")
+    assert "HF_DATASETS_OFFLINE=1" in err and "\n" not in err
+    assert not run.exists()
