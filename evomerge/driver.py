@@ -39,7 +39,7 @@ from evomerge.errors import ConfigError
 from evomerge.experiment import Experiment, load_experiment
 from evomerge.fitness.base import canonical_hash
 from evomerge.fitness.spec import AGGREGATE
-from evomerge.recipe import Recipe, recipe_from_dict
+from evomerge.recipe import Blueprint, Recipe, recipe_from_dict
 from evomerge.runtime import Executor, Job, Outcome, build_executor, with_ray_address
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy, get_strategy
 from evomerge.spaces import SearchSpace
@@ -85,13 +85,17 @@ class Objectives:
             if not np.isfinite(value):
                 return Evaluation.failure(ticket, len(self.names)), f"objective '{name}' is {value}"
             values.append(-value if result.directions.get(name) == "minimize" else value)
-        return Evaluation(ticket, np.array(values), per_example=_per_example(result)), None
+        scores, ids = _per_example(result)
+        return Evaluation(ticket, np.array(values), per_example=scores, example_ids=ids), None
 
 
-def _per_example(result: Any) -> np.ndarray | None:
-    """Every task's per-example scores, concatenated in objective order (None if there are none)."""
-    parts = [np.asarray(scores.scores, dtype=np.float64) for scores in result.per_example.values()]
-    return np.concatenate(parts) if parts else None
+def _per_example(result: Any) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
+    """Every task's per-example scores concatenated in objective order, with ids ``task:doc_id``."""
+    if not result.per_example:
+        return None, None
+    scores = np.concatenate([np.asarray(s.scores, dtype=np.float64) for s in result.per_example.values()])
+    ids = tuple(f"{task}:{doc}" for task, s in result.per_example.items() for doc in s.doc_ids)
+    return scores, ids
 
 
 @dataclass
@@ -112,13 +116,20 @@ class Session:
 def prepare(experiment: Experiment) -> Session:
     """Open the pool, build space and strategy, start the executor; any mistake is a one-line error."""
     space = experiment_space(experiment)
-    recipe_from_dict(json.loads(space.decode(space.initial_genome()).model_dump_json()), f"{experiment.source}: search_space")
+    cls = get_strategy(experiment.strategy.name, f"{experiment.source}: strategy.name")
+    if cls.breeds and not space.derives:
+        raise ConfigError(
+            f"{experiment.source}: strategy {cls.name} breeds children from parents; search_space kind "
+            f"'{experiment.search_space.get('kind', 'parameter')}' cannot derive them (use kind: split_point)"
+        )
+    if not space.derives:
+        recipe_from_dict(json.loads(space.decode(space.initial_genome()).model_dump_json()), f"{experiment.source}: search_space")
     strategy = build_strategy(
         experiment.strategy.name,
-        space.dimension,
+        space.layout,
         n_objectives=len(experiment.objectives),
         seed=experiment.strategy_seed,
-        settings=_settings(experiment, space),
+        settings=experiment.strategy.settings,
         source=f"{experiment.source}: strategy",
     )
     executor = build_executor(experiment)
@@ -129,15 +140,6 @@ def prepare(experiment: Experiment) -> Session:
         raise
     objectives = Objectives(experiment.objectives)
     return Session(experiment, space, strategy, executor, objectives, fitness_hash(description, objectives.names))
-
-
-def _settings(experiment: Experiment, space: SearchSpace) -> dict[str, Any]:
-    """The strategy's settings; a strategy with an ``x0`` setting starts from the space's initial genome."""
-    settings = dict(experiment.strategy.settings)
-    cls = get_strategy(experiment.strategy.name, f"{experiment.source}: strategy.name")
-    if "x0" in cls.Settings.model_fields and settings.get("x0") is None:
-        settings["x0"] = space.initial_genome().tolist()
-    return settings
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -233,6 +235,7 @@ def _create_store(folder: Path, session: Session) -> RunStore:
         "fitness_hash": session.fitness_hash,
         "dimension": session.space.dimension,
         "gene_names": session.space.gene_names,
+        "layout": session.space.layout.describe(),
     }
     existed = folder.exists()
     try:
@@ -258,6 +261,7 @@ class Driver:
         self.strategy = session.strategy
         self.executor = session.executor
         self._requeue: deque[CandidateRecord] = deque()
+        self._blueprints: dict[int, Blueprint] = {}
         results = store.results()
         self._n_candidates = store.count()
         self._n_results = len(results)
@@ -332,12 +336,16 @@ class Driver:
         return budget.minutes is None or self.elapsed < budget.minutes * 60.0
 
     def _fill(self) -> None:
-        """Keep every executor slot busy: re-queued candidates first, then new proposals."""
+        """Keep every executor slot busy: re-queued candidates first, then new proposals.
+
+        A strategy that cannot propose yet (its next proposal needs results still out) is asked
+        once those arrive; with nothing in flight it is asked anyway and says why it cannot go on.
+        """
         while self.executor.free_slots > 0:
             if self._requeue:
                 record = self._requeue.popleft()
                 ticket, recipe, digest = record.ticket, self._stored_recipe(record), record.recipe_hash
-            elif self._may_ask():
+            elif self._may_ask() and (self.strategy.can_ask() or self.executor.in_flight == 0):
                 proposal = self.strategy.ask()
                 recipe = self._decode(proposal)
                 recipe_json = recipe.model_dump_json()
@@ -352,15 +360,20 @@ class Driver:
             worker = self.executor.submit(Job(ticket, recipe))
             self.store.mark_running(ticket, worker)
 
-    def _decode(self, proposal: Proposal) -> Recipe:
-        if proposal.genome is None:
-            raise ConfigError(
-                f"strategy {self.strategy.name} proposed a candidate derived from parents {proposal.parents}; "
-                "the search space only decodes genomes"
-            )
-        return self.session.space.decode(proposal.genome)
+    def _decode(self, proposal: Proposal) -> Blueprint:
+        """The proposal's blueprint; parents' blueprints come from the store (evicted members included)."""
+        parents = {ticket: self._blueprint(ticket) for ticket in proposal.parents}
+        return self.session.space.blueprint(proposal, parents)
 
-    def _stored_recipe(self, record: CandidateRecord) -> Recipe:
+    def _blueprint(self, ticket: int) -> Blueprint:
+        if ticket not in self._blueprints:
+            record = self.store.candidate(ticket)
+            if record is None:
+                raise StoreError(f"{self.store.path}: a proposal names parent {ticket}, which is not a stored candidate")
+            self._blueprints[ticket] = self._stored_recipe(record)
+        return self._blueprints[ticket]
+
+    def _stored_recipe(self, record: CandidateRecord) -> Blueprint:
         if record.recipe is not None:
             return recipe_from_dict(record.recipe, f"{self.store.path}: candidate {record.ticket}")
         return self._decode(record.proposal)
@@ -370,7 +383,9 @@ class Driver:
         hit = self.store.lookup_cache(digest, self.session.fitness_hash)
         if hit is None:
             return False
-        evaluation = Evaluation(ticket, hit.evaluation.objectives, per_example=hit.evaluation.per_example)
+        evaluation = Evaluation(
+            ticket, hit.evaluation.objectives, per_example=hit.evaluation.per_example, example_ids=hit.evaluation.example_ids
+        )
         self.store.add_result(evaluation, fitness_hash=self.session.fitness_hash, cached_from=hit.ticket)
         self._cached += 1
         self._told(evaluation)

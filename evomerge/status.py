@@ -47,6 +47,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         counts = store.counts()
         candidates = store.count()
         best = store.best()
+        parents = {c.ticket: tuple(c.proposal.parents) for c in store.candidates()}
     experiment = metadata["experiment"]
     summary = read_summary(folder)
     best_data = None
@@ -82,7 +83,17 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "executor": experiment.get("executor", {}).get("kind", "local"),
         "workers": read_workers(folder),
         "summary": summary,
+        **(_strategy_state(experiment["strategy"], results, parents) or {}),
     }
+
+
+def _strategy_state(strategy: dict[str, Any], results: list[Any], parents: dict[int, tuple[int, ...]]) -> dict[str, Any] | None:
+    """What the run's strategy adds to the status (natural niches: its archive), from the records."""
+    from evomerge.search import get_strategy
+
+    cls = get_strategy(strategy["name"])
+    settings = cls.Settings.model_validate(strategy.get("settings") or {})
+    return cls.summarize(settings, [r.evaluation for r in results], parents)
 
 
 def candidates_per_hour(finished: list[float]) -> float | None:
@@ -130,6 +141,17 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
             f"({worker['device']}), {worker['evaluations']} evaluations, {worker['failures']} failures"
             + (f", replaced {worker['restarts']}×" if worker.get("restarts") else "")
         )
+    archive = status.get("archive")
+    if archive is not None:
+        console.print(
+            f"archive: {len(archive['members'])} members, coverage {archive['coverage']:.1%} of {archive['examples']} examples"
+        )
+        for member in sorted(archive["members"], key=lambda m: -m["fitness"]):
+            lineage = f"child of {', '.join(f'#{p}' for p in member['parents'])}" if member["parents"] else "seed"
+            console.print(
+                f"  #{member['candidate']:<5d} fitness {member['fitness']:.4f}  accuracy {member['accuracy']:.4f}  "
+                f"generation {member['generation']}  {lineage}"
+            )
     if status["summary"] is not None:
         from evomerge.display import print_summary
 

@@ -54,7 +54,16 @@ def pareto_front(run: RunView | str | Path, objectives: list[str] | None = None,
 
 def recipe_summary(recipe: dict[str, Any]) -> str:
     """'task_arithmetic, 7 rules; weight: skill 0.08–1.27, lang 0.03–1.9' — each parameter's range
-    per source over the recipe and its rules (a single value when it never varies)."""
+    per source over the recipe and its rules (a single value when it never varies); for a blend,
+    'blend, 3 segments; weight: a 0.2–0.7, …' over its segments."""
+    if recipe.get("kind") == "blend":
+        segments = recipe["segments"]
+        weights: dict[str, list[float]] = defaultdict(list)
+        for segment in segments:
+            for model, value in segment["weights"].items():
+                weights[model].append(float(value))
+        items = [f"{m} {min(v):.3g}" if min(v) == max(v) else f"{m} {min(v):.3g}–{max(v):.3g}" for m, v in weights.items()]
+        return f"blend, {len(segments)} segment{'s' if len(segments) > 1 else ''}; weight: {', '.join(items)}"
     ranges: dict[tuple[str, str], list[float]] = defaultdict(list)
     blocks = [recipe, *recipe.get("rules", [])]
     for block in blocks:

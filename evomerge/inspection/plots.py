@@ -80,6 +80,19 @@ def progress_figure(values: np.ndarray, names: list[str]) -> Figure:
     return fig
 
 
+def blend_figure(starts: list[int], size: int, weights: dict[str, list[float]], title: str) -> Figure:
+    """A blend's weight per model along the canonical parameter order (a step per segment)."""
+    fig, ax = plt.subplots(figsize=(8.0, 3.2), layout="constrained")
+    edges = np.array([*starts, size], dtype=float) / size
+    for model, values in weights.items():
+        ax.stairs(values, edges, label=model, linewidth=1.8)
+    ax.set_xlabel("position in the parameter order (fraction; embeddings first, head last)")
+    ax.set_ylabel("weight")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
 def heatmap_figure(matrix: np.ndarray, rows: list[str], columns: list[str], parameter: str, title: str) -> Figure:
     """Per-layer coefficients of a recipe: one row per source (× module kind), one column per layer."""
     matrix = np.asarray(matrix, dtype=float)

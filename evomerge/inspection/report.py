@@ -22,7 +22,8 @@ from evomerge.inspection import plots
 from evomerge.inspection.front import FrontMember, pareto_front
 from evomerge.inspection.recipe_grid import coefficient_grid
 from evomerge.inspection.run_view import RunView
-from evomerge.recipe import recipe_from_dict
+from evomerge.recipe import Blend, recipe_from_dict
+from evomerge.status import run_status
 
 REPORT_DIR = "report"
 
@@ -145,10 +146,34 @@ def recipe_section(ctx: ReportContext) -> str:
     if ctx.chosen is None:
         return ""
     recipe = recipe_from_dict(ctx.view.recipe(ctx.chosen), f"candidate {ctx.chosen}")
+    if isinstance(recipe, Blend):
+        starts = [s.start for s in recipe.segments]
+        weights = {m: [s.weights.get(m, 0.0) for s in recipe.segments] for m in recipe.models}
+        title = f"Candidate {ctx.chosen}: blend weights along the parameter order"
+        image = ctx.figure(plots.blend_figure(starts, recipe.size, weights, title), "recipe", title)
+        return f"<h2>Chosen recipe (candidate {ctx.chosen})</h2>{image}<pre>{html.escape(recipe.to_yaml())}</pre>"
     matrix, rows, columns, parameter = coefficient_grid(recipe)
     title = f"Candidate {ctx.chosen}: {recipe.method} {parameter} per source and layer"
     image = ctx.figure(plots.heatmap_figure(matrix, rows, columns, parameter, title), "recipe", title)
     return f"<h2>Chosen recipe (candidate {ctx.chosen})</h2>{image}<pre>{html.escape(recipe.to_yaml())}</pre>"
+
+
+@report_part("archive", 45)
+def archive_section(ctx: ReportContext) -> str:
+    """A population strategy's state (natural niches: the archive), rebuilt from the run's records."""
+    archive = run_status(ctx.view.run_dir).get("archive")
+    if archive is None:
+        return ""
+    rows = [
+        [f"#{m['candidate']}", _fmt(m["fitness"]), _fmt(m["accuracy"]), str(m["generation"]),
+         ", ".join(f"#{p}" for p in m["parents"]) or "seed"]
+        for m in sorted(archive["members"], key=lambda m: -m["fitness"])
+    ]
+    intro = (
+        f"<p>{len(archive['members'])} members solve {archive['coverage']:.1%} of the {archive['examples']} examples "
+        "between them (coverage); fitness is shared per example.</p>"
+    )
+    return "<h2>Archive</h2>" + intro + _table(["member", "shared fitness", "accuracy", "generation", "parents"], rows)
 
 
 @report_part("heldout", 50)

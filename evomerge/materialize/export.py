@@ -21,16 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evomerge.errors import ConfigError
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
 from evomerge.materialize.blocks import blockwise, merge_blocks
-from evomerge.materialize.tensors import BufferPool, is_mergeable, merge_tensor, output_dtype
+from evomerge.materialize.tensors import BufferPool, blend_tensor, is_mergeable, merge_tensor, output_dtype
 from evomerge.pool import ModelPool
-from evomerge.recipe import Recipe, RecipePlanner
+from evomerge.recipe import Blend, Blueprint, Recipe, RecipePlanner, order_digest
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _NOT_TOKENIZER = {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json", "zoo.json"}
 
 
 def export_merge(
-    recipe: Recipe,
+    recipe: Blueprint,
     out_dir: str | Path,
     *,
     device: str = "cpu",
@@ -40,7 +40,7 @@ def export_merge(
     progress: bool = True,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Merge ``recipe`` and write it to ``out_dir`` (safetensors, config, tokenizer, model card)."""
+    """Merge ``recipe`` (any kind) and write it to ``out_dir`` (safetensors, config, tokenizer, model card)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: output folder already exists (pass --overwrite to replace it)")
@@ -50,9 +50,14 @@ def export_merge(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        with ModelPool.open(recipe.models, recipe.base, trust_remote_code=trust_remote_code) as pool:
-            _write_tensors(recipe, pool, tmp, device, max_shard_bytes, progress)
-            tokenizer_model = recipe.tokenizer or recipe.reference
+        base = recipe.reference if isinstance(recipe, Blend) else recipe.base
+        with ModelPool.open(recipe.models, base, trust_remote_code=trust_remote_code) as pool:
+            if isinstance(recipe, Blend):
+                _write_blend(recipe, pool, tmp, device, max_shard_bytes, progress)
+                tokenizer_model = recipe.reference
+            else:
+                _write_tensors(recipe, pool, tmp, device, max_shard_bytes, progress)
+                tokenizer_model = recipe.tokenizer or recipe.reference
             _write_metadata(recipe, pool.path(recipe.reference), pool.path(tokenizer_model), tmp, card_extra)
         _finalize(tmp, out_dir)
     except BaseException:
@@ -115,6 +120,37 @@ def _write_tensors(
             bar.advance(task)
 
 
+def _write_blend(blend: Blend, pool: ModelPool, folder: Path, device: str, max_shard_bytes: int, show: bool) -> None:
+    """A blend tensor by tensor: each floating tensor is the weighted sum of its pieces (``blend_tensor``)."""
+    order = pool.parameter_order()
+    if order_digest(order) != blend.order:
+        raise ConfigError("blend: it was made over another parameter order than these models' (another model family)")
+    offsets, position = {}, 0
+    for name, numel in order:
+        offsets[name] = position
+        position += numel
+    reference = pool.model(blend.reference)
+    layout = []
+    for name in pool.tensor_names:
+        stored = pool.dtype(blend.reference, name)
+        dtype = output_dtype(blend.dtype, stored) if is_mergeable(stored) else stored
+        layout.append((name, pool.shape(blend.reference, name), dtype))
+    writer = ShardedSafetensorsWriter(folder, layout, max_shard_bytes=max_shard_bytes)
+    buffers = BufferPool(device)
+    models = list(blend.models)
+    with writer, _progress(show) as bar:
+        task = bar.add_task("merging", total=len(layout))
+        for name, shape, dtype in layout:
+            if not is_mergeable(pool.dtype(blend.reference, name)):
+                writer.write(name, pool.tensor(blend.reference, name, device=device, dtype=None))
+            else:
+                offset, numel = offsets[reference.stored_name(name)], math.prod(shape)
+                inputs = {m: _input(pool, m, name, device, buffers, f"model{i}", list(shape)) for i, m in enumerate(models)}
+                merged = blend_tensor(blend, offset, numel, inputs, buffers.get("out", list(shape)))
+                writer.write(name, _cast(merged, dtype))
+            bar.advance(task)
+
+
 def _cast(merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The one cast on write: to the output dtype, on the CPU."""
     return merged if merged.dtype == dtype and merged.device.type == "cpu" else merged.to(dtype).cpu()
@@ -127,7 +163,7 @@ def _input(
     return pool.tensor(model, name, device=device, out=buffers.get(role, shape))
 
 
-def _write_metadata(recipe: Recipe, reference: Path, tokenizer_from: Path, folder: Path, card_extra: str) -> None:
+def _write_metadata(recipe: Blueprint, reference: Path, tokenizer_from: Path, folder: Path, card_extra: str) -> None:
     config = json.loads((reference / "config.json").read_text())
     if recipe.dtype:
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
@@ -147,15 +183,17 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"))
 
 
-def model_card(recipe: Recipe, extra: str = "") -> str:
+def model_card(recipe: Blueprint, extra: str = "") -> str:
     """A model card that says what the model is made of (the recipe, verbatim)."""
     models = "\n".join(f"- `{name}`: `{path}`" for name, path in recipe.models.items())
+    if isinstance(recipe, Blend):
+        made = f"Made by evomerge as a blend of {len(recipe.source_names)} models in {len(recipe.segments)} segment(s).\n"
+    else:
+        made = f"Made by evomerge with method `{recipe.method}`" + (f" on base `{recipe.base}`" if recipe.base else "") + ".\n"
     parts = [
         "---\ntags: [merge, evomerge]\n---\n",
         "# Merged model\n",
-        f"Made by evomerge with method `{recipe.method}`"
-        + (f" on base `{recipe.base}`" if recipe.base else "")
-        + ".\n",
+        made,
         f"## Models\n{models}\n",
         f"## Recipe\n```yaml\n{recipe.to_yaml()}```\n",
     ]

@@ -22,10 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.materialize.tensors import is_mergeable, merge_tensor
+from evomerge.materialize.tensors import blend_tensor, is_mergeable, merge_tensor
 from evomerge.merge.fused import repeated_merges
 from evomerge.pool import ModelPool
-from evomerge.recipe import Recipe, RecipePlanner
+from evomerge.recipe import Blend, Blueprint, Recipe, RecipePlanner, order_digest
 
 
 class ResidentMerger:
@@ -56,6 +56,7 @@ class ResidentMerger:
             if t.dtype != torch.float32 or not t.is_contiguous()
         }
         self._caches: dict[tuple, dict] = {}
+        self._order = pool.parameter_order()
 
     @classmethod
     def load(
@@ -81,11 +82,26 @@ class ResidentMerger:
         return self.model  # type: ignore[return-value]
 
     @torch.no_grad()
-    def apply(self, recipe: Recipe) -> None:
-        """Write the merge described by ``recipe`` into the live model's parameters."""
+    def apply(self, recipe: Blueprint) -> None:
+        """Write the merge described by ``recipe`` (a parameter recipe or a blend) into the live model."""
         self._check_models(recipe)
+        if isinstance(recipe, Blend):
+            self._write_blend(recipe)
+            return
         with repeated_merges():  # a worker merges the same tensors for every candidate
             self._write(recipe)
+
+    def _write_blend(self, blend: Blend) -> None:
+        if order_digest(self._order) != blend.order:
+            raise ConfigError("blend: it was made over another parameter order than this pool's")
+        offset = 0
+        for name, numel in self._order:
+            target = self._targets[name]
+            out = self._scratch.get(name, target)
+            blend_tensor(blend, offset, numel, {m: self._tensors[m][name] for m in blend.models}, out)
+            if out.data_ptr() != target.data_ptr():
+                target.copy_(out)
+            offset += numel
 
     def _write(self, recipe: Recipe) -> None:
         layer_map = self.pool.layer_map
@@ -108,7 +124,7 @@ class ResidentMerger:
             if result.data_ptr() != target.data_ptr():
                 target.copy_(result)
 
-    def _check_models(self, recipe: Recipe) -> None:
+    def _check_models(self, recipe: Blueprint) -> None:
         for name, path in recipe.models.items():
             if name not in self._tensors:
                 raise ConfigError(f"recipe.models: '{name}' is not in this worker's model pool ({', '.join(self._tensors)})")

@@ -1,19 +1,21 @@
 """The one place where a planned tensor is computed from the pool's tensors.
 
-Both materializations (streamed export and resident in-place search) call ``merge_tensor`` so that
-a recipe gives bit-identical tensors either way.
+Both materializations (streamed export and resident in-place search) call ``merge_tensor`` (a
+parameter recipe) or ``blend_tensor`` (a blend) so that a recipe gives bit-identical tensors either
+way.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge import TensorInputs
-from evomerge.recipe import TensorPlan
+from evomerge.merge.interpolation import weighted_sum
+from evomerge.recipe import Blend, TensorPlan
 
 
 def merge_tensor(
@@ -60,6 +62,20 @@ def _summary(plan: TensorPlan) -> str:
     shared = ", ".join(f"{k}={v}" for k, v in plan.params.shared.items())
     per_source = "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) for p in plan.params.per_source)
     return "{" + "; ".join(part for part in (shared, per_source) if part) + "}"
+
+
+def blend_tensor(blend: Blend, offset: int, numel: int, inputs: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The tensor at ``[offset, offset + numel)`` of the canonical order, piece by piece: Σ_m w_m θ_m.
+
+    ``inputs`` are each model's float32 tensor; resident merge and export both call this, so an
+    exported blend is the scored one bit for bit.
+    """
+    flat_out = out.view(-1)
+    names = list(inputs)
+    flats = [inputs[m].reshape(-1) for m in names]
+    for lo, hi, weights in blend.pieces(offset, numel):
+        weighted_sum([f[lo:hi] for f in flats], [weights.get(m, 0.0) for m in names], flat_out[lo:hi])
+    return out
 
 
 def is_mergeable(dtype: torch.dtype) -> bool:

@@ -178,6 +178,18 @@ class ModelPool:
         ref = self._models[self.reference]
         return sum(math.prod(ref.index.shape(name)) for name in ref.stored_names())
 
+    def parameter_order(self) -> tuple[tuple[str, int], ...]:
+        """The canonical order: the reference's stored floating tensors, in layer-map order, with sizes.
+
+        Split-point crossovers cut this line; a tied head is its embedding and appears once.
+        """
+        ref = self._models[self.reference]
+        return tuple(
+            (name, math.prod(ref.index.shape(name)))
+            for name in ref.stored_names()
+            if ref.index.dtype(name).is_floating_point
+        )
+
     def path(self, model: str) -> Path:
         """The folder of ``model``."""
         return self.model(model).path

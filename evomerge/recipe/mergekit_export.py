@@ -10,14 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.recipe.schema import Recipe
+from evomerge.recipe.blend import Blend
+from evomerge.recipe.schema import Blueprint
 
 EXACT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "model_stock")
 MERGEKIT_PARAMETERS = {"weight", "density", "lambda", "normalize", "t", "gamma", "epsilon", "filter_wise"}
 
 
-def recipe_to_mergekit(recipe: Recipe) -> dict[str, Any]:
+def recipe_to_mergekit(recipe: Blueprint) -> dict[str, Any]:
     """The mergekit config of ``recipe`` (models by path), or a ``ConfigError`` naming what mergekit lacks."""
+    if isinstance(recipe, Blend):
+        return _blend_to_mergekit(recipe)
     if recipe.rules:
         raise ConfigError(f"mergekit cannot express the recipe's {len(recipe.rules)} per-layer/per-module rules")
     if recipe.method not in EXACT_METHODS:
@@ -43,4 +46,16 @@ def recipe_to_mergekit(recipe: Recipe) -> dict[str, Any]:
     if recipe.tokenizer is not None:
         in_config = recipe.tokenizer == recipe.base and "base_model" in config
         config["tokenizer_source"] = "base" if in_config else recipe.models[recipe.tokenizer]
+    return config
+
+
+def _blend_to_mergekit(blend: Blend) -> dict[str, Any]:
+    """A one-segment blend is mergekit's unnormalized linear merge; a split blend has no mergekit form."""
+    if len(blend.segments) > 1:
+        raise ConfigError(f"mergekit cannot express a blend split into {len(blend.segments)} segments of the parameter order")
+    weights = blend.segments[0].weights
+    models = [{"model": blend.models[name], "parameters": {"weight": weights[name]}} for name in blend.source_names]
+    config: dict[str, Any] = {"merge_method": "linear", "models": models, "parameters": {"normalize": False}}
+    if blend.dtype is not None:
+        config["dtype"] = blend.dtype
     return config

@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.recipe.blend import Blend
 from evomerge.validation import read_yaml, validate
 
 Scalar = Union[bool, int, float, str]
@@ -148,8 +149,14 @@ class Recipe(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load a recipe YAML (native, or a mergekit config); relative paths are relative to the file."""
+Blueprint = Union[Recipe, Blend]
+"""Any kind of recipe: a parameter recipe (method + rules) or a blend of whole models."""
+
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"recipe": Recipe, "blend": Blend}
+
+
+def load_recipe(path: str | Path) -> Blueprint:
+    """Load a recipe YAML (any ``kind``, or a mergekit config); relative paths are relative to the file."""
     from evomerge.recipe.mergekit_config import is_mergekit_config, recipe_from_mergekit
 
     path = Path(path)
@@ -157,12 +164,16 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if is_mergekit_config(data):
-        recipe = recipe_from_mergekit(data, str(path))
+        recipe: Blueprint = recipe_from_mergekit(data, str(path))
     else:
-        recipe = validate(Recipe, data, str(path))
+        recipe = recipe_from_dict(data, str(path))
     return recipe.resolve_paths(path.parent)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Validate a recipe given as a plain dict (e.g. decoded from a search genome)."""
-    return validate(Recipe, data, source)
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Blueprint:
+    """Validate a recipe of any kind given as a plain dict (``kind`` picks it; default: a parameter recipe)."""
+    kind = data.get("kind", "recipe")
+    if kind not in RECIPE_KINDS:
+        raise ConfigError(f"{source}: kind: unknown recipe kind {kind!r}; known: {', '.join(RECIPE_KINDS)}")
+    body = {k: v for k, v in data.items() if k != "kind"} if kind == "recipe" else data
+    return validate(RECIPE_KINDS[kind], body, source)  # type: ignore[return-value]

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.serialize import decode, encode
 from evomerge.search.types import Evaluation, Proposal
 
@@ -37,44 +38,33 @@ class Strategy(ABC):
     tickets, the outstanding proposals, failure bookkeeping (the worst value seen per objective, the
     default penalty for a failed candidate) and the checks that a checkpoint fits this strategy.
 
-    The interface is deliberately not "a fixed-length vector told in generations"; the two planned
-    archive/surrogate strategies fit it as follows.
-
-    Natural niches (M2N2): the state is an archive of member tickets with their per-example score
-    vectors (``Evaluation.per_example``). ``_propose`` samples parent A ∝ resource-shared fitness
-    and parent B ∝ attraction to A, and returns ``Proposal(genome=None, parents=(a, b),
-    info={"split": s, "ratio": w})``; the space materializes the child from its parents' recipes,
-    which the run store keeps for every ticket, so a parent evicted while its child is in flight
-    stays usable. ``_observe`` recomputes shared fitness over archive ∪ child and evicts the worst
-    (possibly the child): one child at a time, hence steady-state and naturally asynchronous. The
-    seed members are proposals with ``genome=None`` and ``info={"seed": model}``.
-
-    MAP (quadratic surrogates): the state is the history of (genome, objectives) told so far. While
-    fewer than a full quadratic's (d+1)(d+2)/2 points are known, ``_propose`` returns design points
-    (isotropic, one-hot, random); afterwards it refits one sigmoid-linked quadratic per objective on
-    every successful evaluation (lazily, when new tells arrived since the last fit), runs a seeded
-    NSGA-III on the surrogates and proposes front points not yet evaluated, with the surrogate's
-    prediction in ``info`` so reports can compare predicted and real fronts. Failures are simply
-    excluded from the fit.
+    ``layout`` tells the strategy what its genes are (names, models, layers), where to start and
+    which references (each source alone, the base, the uniform merge) the space can express; an
+    int is a plain box of that many genes. ``can_ask`` lets a strategy whose next proposal depends
+    on results still out (a population seeded from its first evaluations) make the driver wait.
     """
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[StrategySettings]] = StrategySettings
+    breeds: ClassVar[bool] = False
+    """Whether proposals are derived from parents (the search space must ``derive``)."""
 
     def __init__(
         self,
-        dimension: int,
+        layout: GenomeLayout | int,
         *,
         n_objectives: int = 1,
         seed: int = 0,
         bounds: np.ndarray | None = None,
         settings: StrategySettings | None = None,
     ) -> None:
-        if dimension < 1:
-            raise ConfigError(f"strategy {self.name}: the search space has {dimension} genes; expected at least 1")
+        layout = GenomeLayout.box(layout) if isinstance(layout, int) else layout
+        if layout.dimension < 1:
+            raise ConfigError(f"strategy {self.name}: the search space has {layout.dimension} genes; expected at least 1")
         if n_objectives < 1:
             raise ConfigError(f"strategy {self.name}: expected at least 1 objective, got {n_objectives}")
-        self.dimension = int(dimension)
+        self.layout = layout
+        self.dimension = layout.dimension
         self.n_objectives = int(n_objectives)
         self.seed = int(seed)
         self.settings = settings if settings is not None else self.Settings()
@@ -88,8 +78,12 @@ class Strategy(ABC):
         """Proposals asked and not yet told, in ask order."""
         return list(self._outstanding.values())
 
+    def can_ask(self) -> bool:
+        """Whether ``ask`` can propose now; False only while the next proposal needs results still out."""
+        return True
+
     def ask(self) -> Proposal:
-        """The next proposal; may be called again before earlier proposals are told."""
+        """The next proposal; may be called again before earlier proposals are told (see ``can_ask``)."""
         proposal = self._propose(self._next_ticket)
         if proposal.ticket != self._next_ticket:
             raise RuntimeError(f"strategy {self.name} returned ticket {proposal.ticket}, expected {self._next_ticket}")
@@ -129,6 +123,17 @@ class Strategy(ABC):
                     )
             else:
                 self.tell(event)
+
+    @classmethod
+    def summarize(
+        cls, settings: StrategySettings, told: list[Evaluation], parents: dict[int, tuple[int, ...]]
+    ) -> dict[str, Any] | None:
+        """Strategy-specific state for ``status`` and reports, rebuilt from a run's records alone.
+
+        ``told``: the validation results in the order they were told; ``parents``: each candidate's
+        parents. None when the strategy has nothing to add (the default).
+        """
+        return None
 
     def worst_seen(self) -> np.ndarray | None:
         """Per objective, the worst (lowest) value told so far; None before any success."""

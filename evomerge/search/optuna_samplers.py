@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import ConfigError
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.base import Strategy, StrategySettings
 from evomerge.search.registry import register_strategy
 from evomerge.search.serialize import decode_pickle, encode_pickle
@@ -62,8 +63,8 @@ class OptunaSearch(Strategy):
         )
         failure_value: float | None = Field(None, allow_inf_nan=False, description="objective for a failed candidate")
 
-    def __init__(self, dimension: int, **kwargs: Any) -> None:
-        super().__init__(dimension, **kwargs)
+    def __init__(self, layout: GenomeLayout | int, **kwargs: Any) -> None:
+        super().__init__(layout, **kwargs)
         s = self.settings
         if s.sampler in SINGLE_OBJECTIVE and self.n_objectives > 1:
             raise ConfigError(

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.base import Strategy
 from evomerge.search.registry import register_strategy
 from evomerge.search.types import Evaluation, Proposal
@@ -18,8 +19,8 @@ class RandomSearch(Strategy):
     Results are ignored, so the sequence of genomes is a function of the seed alone.
     """
 
-    def __init__(self, dimension: int, **kwargs: Any) -> None:
-        super().__init__(dimension, **kwargs)
+    def __init__(self, layout: GenomeLayout | int, **kwargs: Any) -> None:
+        super().__init__(layout, **kwargs)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
 
     def _propose(self, ticket: int) -> Proposal:

@@ -1,8 +1,9 @@
-"""Search spaces: genome layouts (registered by ``kind``) that decode a genome into a recipe."""
+"""Search spaces (registered by ``kind``): what a strategy's proposals stand for, as recipes."""
 
 from pathlib import Path
 
 from evomerge.spaces import parameter as _parameter  # noqa: F401  (registers "parameter")
+from evomerge.spaces import split_point as _split_point  # noqa: F401  (registers "split_point")
 from evomerge.spaces.base import SPACES, PoolInfo, SearchSpace, build_space, register_space
 from evomerge.validation import read_yaml
 

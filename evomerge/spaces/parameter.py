@@ -23,6 +23,7 @@ Example (``search_spaces/ties-per-layer.yaml``)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal, Union
 
 import numpy as np
@@ -31,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.merge import get_operator
 from evomerge.recipe import Recipe, Rule
 from evomerge.recipe.schema import Scalar
+from evomerge.search.layout import Gene, GenomeLayout
 from evomerge.spaces.base import PoolInfo, SearchSpace, register_space
+from evomerge.spaces.references import find_references
 from evomerge.validation import validate
 
 Kind = Literal["attention", "mlp", "norm", "embedding", "head", "other"]
@@ -114,9 +117,10 @@ class ParameterSpaceSpec(BaseModel):
 class _Block:
     """Where a run of genes goes in the recipe: a rule selector (None: the top level)."""
 
-    def __init__(self, label: str, selector: dict[str, Any] | None):
+    def __init__(self, label: str, selector: dict[str, Any] | None, filter: str | None = None):
         self.label = label
         self.selector = selector
+        self.filter = filter
 
 
 class ParameterSpace(SearchSpace):
@@ -140,23 +144,36 @@ class ParameterSpace(SearchSpace):
         self._abs: list[int] = []
         self._simplex: list[list[int]] = []
         self._slots: list[tuple[int, str, str | None, int | None]] = []  # (block, gene, model, anchor)
+        self._genes: list[Gene] = []
         self._build_layout()
         self._low_arr, self._span = np.array(self._low), np.array(self._high) - np.array(self._low)
+        self._layout = GenomeLayout(tuple(self._genes), np.array(self._init))
+        self._layout = replace(self._layout, references=tuple(find_references(self, self._genes)))
 
     @property
-    def gene_names(self) -> list[str]:
-        return list(self._names)
+    def layout(self) -> GenomeLayout:
+        return self._layout
 
-    def initial_genome(self) -> np.ndarray:
-        return np.array(self._init)
-
-    def decode(self, genome: np.ndarray) -> Recipe:
-        x = self.check_genome(genome)
-        values = self._low_arr + x * self._span
+    def gene_values(self, genome: np.ndarray) -> np.ndarray:
+        """The parameter values a unit-box genome stands for (after bounds and transforms)."""
+        values = self._low_arr + self.check_genome(genome) * self._span
         values[self._abs] = np.abs(values[self._abs])
         for group in self._simplex:
             total = values[group].sum()
             values[group] = values[group] / total if total > 0 else 1.0 / len(group)
+        return values
+
+    def value_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's (low, high) in parameter units."""
+        return self._low_arr.copy(), self._low_arr + self._span
+
+    def unit_genome(self, values: np.ndarray) -> np.ndarray | None:
+        """The unit-box genome of raw gene values (before transforms), or None outside the bounds."""
+        genome = (np.asarray(values, dtype=np.float64) - self._low_arr) / self._span
+        return genome if np.all((genome >= 0.0) & (genome <= 1.0)) else None
+
+    def decode(self, genome: np.ndarray) -> Recipe:
+        values = self.gene_values(genome)
         shared: list[dict[str, Any]] = [dict() for _ in self._blocks]
         per_model: list[dict[str, dict[str, Any]]] = [{m: {} for m in self.sources} for _ in self._blocks]
         for value, (block, gene, model, anchor) in zip(values.tolist(), self._slots):
@@ -208,7 +225,7 @@ class ParameterSpace(SearchSpace):
                     selector["kinds"] = kinds
                 if names is not None:
                     selector["names"] = names
-                blocks.append(_Block(f"{label}/{name}" if label != "all" else name, selector))
+                blocks.append(_Block(f"{label}/{name}" if label != "all" else name, selector, name))
         return blocks
 
     def _build_layout(self) -> None:
@@ -235,6 +252,9 @@ class ParameterSpace(SearchSpace):
         if gene.transform == "abs":
             self._abs.append(len(self._names) - 1)
         self._slots.append(slot)
+        block = self._blocks[slot[0]]
+        layers = None if block.selector is None else tuple(block.selector["layers"])
+        self._genes.append(Gene(name, parameter=slot[1], model=slot[2], layers=layers, filter=block.filter))
 
 
 @register_space("parameter")

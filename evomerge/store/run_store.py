@@ -108,6 +108,7 @@ class RunStore:
         self._lock = lock
         self._keep = keep_checkpoints
         self._seq = self._max_seq()
+        self._ids: dict[str | None, tuple[str, ...]] = {}
 
     @classmethod
     def create(
@@ -235,6 +236,8 @@ class RunStore:
         if split not in SPLITS:
             raise ValueError(f"add_result: split must be one of {SPLITS}, got {split!r}")
         evaluation = evaluation.sanitized()
+        if evaluation.example_ids is not None:
+            self._record_example_ids(fitness_hash, evaluation.example_ids)
         seq = self._seq + 1
         try:
             cursor = self._conn.execute(
@@ -264,6 +267,24 @@ class RunStore:
             raise ValueError(f"add_result: unknown ticket {evaluation.ticket}")
         self._seq = seq
         return seq
+
+    def _record_example_ids(self, fitness_hash: str | None, ids: tuple[str, ...]) -> None:
+        """Store a fitness's example ids once (in ``meta``); every result of that fitness shares them."""
+        known = self.example_ids(fitness_hash)
+        if known is None:
+            self._conn.execute("INSERT INTO meta VALUES (?, ?)", (_ids_key(fitness_hash), json.dumps(list(ids))))
+            self._ids[fitness_hash] = tuple(ids)
+        elif known != tuple(ids):
+            raise ValueError(f"add_result: the example ids differ from those recorded for fitness {fitness_hash}")
+
+    def example_ids(self, fitness_hash: str | None) -> tuple[str, ...] | None:
+        """The ids of the per-example scores of results under ``fitness_hash`` (None if never recorded)."""
+        if fitness_hash not in self._ids:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (_ids_key(fitness_hash),)).fetchone()
+            if row is None:
+                return None
+            self._ids[fitness_hash] = tuple(json.loads(row[0]))
+        return self._ids[fitness_hash]
 
     def save_checkpoint(self, state: Mapping[str, Any], seq: int | None = None) -> int:
         """Record a strategy state that includes every event up to ``seq`` (default: the last one).
@@ -318,7 +339,7 @@ class RunStore:
         rows = self._conn.execute(
             f"SELECT {_RESULT_COLUMNS} FROM results WHERE seq > ? AND split = ? ORDER BY seq", (seq, split)
         )
-        return [_result(row) for row in rows]
+        return [self._result(row) for row in rows]
 
     def events_since(self, seq: int) -> list[Proposal | Evaluation]:
         """Asks and validation results after event ``seq``, interleaved in their original order.
@@ -331,13 +352,13 @@ class RunStore:
                 "SELECT seq, ticket, genome, parents, info FROM candidates WHERE seq > ? ORDER BY seq", (seq,)
             ).fetchall()
             tells = self._conn.execute(
-                "SELECT seq, ticket, status, objectives, per_example FROM results "
+                "SELECT seq, ticket, status, objectives, per_example, fitness_hash FROM results "
                 "WHERE seq > ? AND split = 'validation' ORDER BY seq",
                 (seq,),
             ).fetchall()
         merged = heapq.merge(
             ((row[0], _proposal(row[1], row[2], row[3], row[4])) for row in asks),
-            ((row[0], _evaluation(row[1], row[2], row[3], row[4])) for row in tells),
+            ((row[0], _evaluation(row[1], row[2], row[3], row[4], self._ids_for(row[4], row[5]))) for row in tells),
             key=lambda item: item[0],
         )
         return [event for _, event in merged]
@@ -384,9 +405,15 @@ class RunStore:
             "AND status = 'ok' ORDER BY seq LIMIT 1",
             (recipe_hash, fitness_hash, split),
         ).fetchone()
-        return None if row is None else _result(row)
+        return None if row is None else self._result(row)
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- internals
+
+    def _ids_for(self, per_example: bytes | None, fitness_hash: str | None) -> tuple[str, ...] | None:
+        return None if per_example is None else self.example_ids(fitness_hash)
+
+    def _result(self, row: tuple[Any, ...]) -> ResultRecord:
+        return _result(row, self._ids_for(row[5], row[6]))
 
     def _writable(self) -> None:
         if self._lock is None:
@@ -445,8 +472,14 @@ def _proposal(ticket: int, genome: bytes | None, parents: str, info: str) -> Pro
     return Proposal(ticket, None if genome is None else _f64(genome), tuple(json.loads(parents)), json.loads(info))
 
 
-def _evaluation(ticket: int, status: str, objectives: bytes | None, per_example: bytes | None) -> Evaluation:
-    return Evaluation(ticket, _f64(objectives), failed=status == "failed", per_example=_npy(per_example))
+def _evaluation(
+    ticket: int, status: str, objectives: bytes | None, per_example: bytes | None, ids: tuple[str, ...] | None = None
+) -> Evaluation:
+    return Evaluation(ticket, _f64(objectives), failed=status == "failed", per_example=_npy(per_example), example_ids=ids)
+
+
+def _ids_key(fitness_hash: str | None) -> str:
+    return f"example_ids:{fitness_hash}"
 
 
 def _candidate(row: tuple[Any, ...]) -> CandidateRecord:
@@ -463,11 +496,11 @@ def _candidate(row: tuple[Any, ...]) -> CandidateRecord:
     )
 
 
-def _result(row: tuple[Any, ...]) -> ResultRecord:
+def _result(row: tuple[Any, ...], ids: tuple[str, ...] | None) -> ResultRecord:
     (seq, ticket, split, status, objectives, per_example, fitness_hash, recipe_hash, cached_from,
      worker, started, finished, timings, error) = row  # fmt: skip
     return ResultRecord(
-        _evaluation(ticket, status, objectives, per_example),
+        _evaluation(ticket, status, objectives, per_example, ids),
         seq,
         split,
         fitness_hash,
