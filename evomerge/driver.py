@@ -38,7 +38,8 @@ from evomerge.display import LiveProgress, print_summary
 from evomerge.errors import ConfigError
 from evomerge.experiment import Experiment, load_experiment
 from evomerge.fitness.base import canonical_hash
-from evomerge.fitness.spec import AGGREGATE
+from evomerge.fitness.racing import Incumbents
+from evomerge.fitness.spec import AGGREGATE, RacingSpec
 from evomerge.recipe import Blueprint, Recipe, recipe_from_dict
 from evomerge.runtime import Executor, Job, Outcome, build_executor, with_ray_address
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy, get_strategy
@@ -122,6 +123,11 @@ def prepare(experiment: Experiment) -> Session:
             f"{experiment.source}: strategy {cls.name} breeds children from parents; search_space kind "
             f"'{experiment.search_space.get('kind', 'parameter')}' cannot derive them (use kind: split_point)"
         )
+    if cls.breeds and racing_of(experiment) is not None:
+        raise ConfigError(
+            f"{experiment.source}: fitness.racing: strategy {cls.name} compares candidates example by example "
+            "and needs every example scored; turn racing off"
+        )
     if not space.derives:
         recipe_from_dict(json.loads(space.decode(space.initial_genome()).model_dump_json()), f"{experiment.source}: search_space")
     strategy = build_strategy(
@@ -140,6 +146,11 @@ def prepare(experiment: Experiment) -> Session:
         raise
     objectives = Objectives(experiment.objectives)
     return Session(experiment, space, strategy, executor, objectives, fitness_hash(description, objectives.names))
+
+
+def racing_of(experiment: Experiment) -> RacingSpec | None:
+    """The experiment's racing settings (an lm-eval fitness with ``racing``), None when it is off."""
+    return getattr(experiment.fitness, "racing", None)
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -273,6 +284,11 @@ class Driver:
         self._clock = time.perf_counter()
         best = store.best()
         self._best = (None, None) if best is None else (float(best.evaluation.objectives[0]), best.ticket)
+        self._incumbents = None if racing_of(self.experiment) is None else Incumbents(session.objectives.names)
+        if self._incumbents is not None:
+            for record in results:
+                if record.complete:
+                    self._incumbents.add(record.evaluation.objectives)
         budget = self.experiment.budget
         self._display = LiveProgress(self.experiment.name, budget.evaluations, enabled=progress)
 
@@ -357,7 +373,8 @@ class Driver:
                 return
             if digest is not None and self._reuse(ticket, digest):
                 continue
-            worker = self.executor.submit(Job(ticket, recipe))
+            bar = None if self._incumbents is None else self._incumbents.bar()
+            worker = self.executor.submit(Job(ticket, recipe, bar=bar))
             self.store.mark_running(ticket, worker)
 
     def _decode(self, proposal: Proposal) -> Blueprint:
@@ -388,14 +405,17 @@ class Driver:
         )
         self.store.add_result(evaluation, fitness_hash=self.session.fitness_hash, cached_from=hit.ticket)
         self._cached += 1
-        self._told(evaluation)
+        self._told(evaluation, complete=True)
         return True
 
     # -- completing ------------------------------------------------------------------------------
 
     def _complete(self, outcome: Outcome) -> None:
+        """Store an outcome, then tell the strategy; a racing estimate is told like any result
+        (its objectives are the estimate) but is never the best nor an incumbent."""
         ticket = int(outcome.key)
         evaluation, error = self.session.objectives.evaluation(ticket, outcome)
+        estimate = None if evaluation.failed else getattr(outcome.result, "estimate", None)
         self.store.add_result(
             evaluation,
             fitness_hash=self.session.fitness_hash,
@@ -403,10 +423,11 @@ class Driver:
             started=outcome.started,
             timings=outcome.timings,
             error=error,
+            estimate=estimate,
         )
         if evaluation.failed:
             self._failed += 1
-        self._told(evaluation)
+        self._told(evaluation, complete=estimate is None)
         self._write_workers()
 
     def _write_workers(self) -> None:
@@ -415,16 +436,18 @@ class Driver:
         if states:
             _write_json_atomic(Path(self.store.path).parent / WORKERS_FILE, {"updated": time.time(), "workers": states})
 
-    def _told(self, evaluation: Evaluation) -> None:
+    def _told(self, evaluation: Evaluation, *, complete: bool) -> None:
         """Tell the strategy a result already in the store; checkpoint every ``checkpoint_every`` results."""
         self.strategy.tell(evaluation)
         self._n_results += 1
         self._session_results += 1
         self._unsaved += 1
-        if not evaluation.failed:
+        if not evaluation.failed and complete:
             value = float(evaluation.objectives[0])
             if self._best[0] is None or value > self._best[0]:
                 self._best = (value, evaluation.ticket)
+            if self._incumbents is not None:
+                self._incumbents.add(evaluation.objectives)
         if self._n_results % self.experiment.checkpoint_every == 0:
             self._checkpoint()
         self._refresh()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +25,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import ModelError
 from evomerge.fitness.base import Fitness
+from evomerge.fitness.chunked import Partial, RacePlan
 from evomerge.fitness.lm import ForwardTimer, ResidentLM
+from evomerge.fitness.racing import Bar
 from evomerge.fitness.result import ExampleScores, FitnessResult, finalize
 from evomerge.fitness.runtime import quiet_lm_eval, use_template_cache
 from evomerge.fitness.spec import FitnessSpec, parse_fitness_spec
@@ -59,6 +60,8 @@ class LmEvalFitness(Fitness):
             "group_map": {name: g.child_names for name, g in groups.items()},
         }
         self._lm: ResidentLM | None = None
+        racing = self.spec.racing
+        self._race = None if racing is None else RacePlan(self._tasks, racing, self.spec.seed)
         self.setup_seconds = time.perf_counter() - start
 
     @property
@@ -76,6 +79,7 @@ class LmEvalFitness(Fitness):
             "fewshot_as_multiturn": spec.multiturn,
             "system_instruction": spec.system_instruction,
             "dtype": spec.dtype,
+            "racing": None if spec.racing is None else spec.racing.model_dump(),
             "tasks": [
                 {
                     "task": t.name,
@@ -90,40 +94,45 @@ class LmEvalFitness(Fitness):
             ],
         }
 
-    def evaluate(self, model: Any, tokenizer: Any) -> FitnessResult:
+    def evaluate(self, model: Any, tokenizer: Any, bar: Bar | None = None) -> FitnessResult:
+        """Score every example, or with ``racing`` on and a ``bar`` given, race: stop once the
+        candidate cannot reach the bar and return the estimate (``FitnessResult.estimate``)."""
         self._check_model(model, tokenizer)
         lm = self._wrapper(model, tokenizer)
         lm.generate_seconds = 0.0
         start = time.perf_counter()
         with ForwardTimer(model) as timer:
-            output = lm_eval_evaluate(
-                lm=lm,
-                task_dict=self._task_dict,
-                bootstrap_iters=0,
-                log_samples=True,
-                system_instruction=self.spec.system_instruction,
-                apply_chat_template=self.spec.apply_chat_template,
-                fewshot_as_multiturn=self.spec.multiturn,
-            )
+            if self._race is not None and bar is not None:
+                output = self._race.run(lm, self._lm_eval, self._task_dict, bar)
+            else:
+                output = self._lm_eval(lm, self._task_dict)
         total = time.perf_counter() - start
+        timings = {"total": total, "forward": timer.seconds, "generate": lm.generate_seconds, "overhead": total - timer.seconds}
+        directions = {t.spec.objective: t.direction for t in self._tasks}
+        weights = {t.spec.objective: t.spec.weight for t in self._tasks}
+        if isinstance(output, Partial):
+            return finalize(
+                output.objectives, directions, weights, output.per_example, timings, output.n_examples, output.estimate
+            )
         objectives, per_example = {}, {}
         for task in self._tasks:
             objectives[task.spec.objective] = float(output["results"][task.name][task.result_key])
-            scores = _per_example(task, output["samples"])
+            scores = task.example_scores(output["samples"])
             if scores is not None:
                 per_example[task.spec.objective] = scores
-        return finalize(
-            objectives,
-            directions={t.spec.objective: t.direction for t in self._tasks},
-            weights={t.spec.objective: t.spec.weight for t in self._tasks},
-            per_example=per_example,
-            timings={
-                "total": total,
-                "forward": timer.seconds,
-                "generate": lm.generate_seconds,
-                "overhead": total - timer.seconds,
-            },
-            n_examples={t.spec.objective: t.n_examples for t in self._tasks},
+        n_examples = {t.spec.objective: t.n_examples for t in self._tasks}
+        return finalize(objectives, directions, weights, per_example, timings, n_examples)
+
+    def _lm_eval(self, lm: Any, task_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """lm-eval's ``evaluate`` with the spec's prompt options, as ``simple_evaluate`` passes them."""
+        return lm_eval_evaluate(
+            lm=lm,
+            task_dict=task_dict,
+            bootstrap_iters=0,
+            log_samples=True,
+            system_instruction=self.spec.system_instruction,
+            apply_chat_template=self.spec.apply_chat_template,
+            fewshot_as_multiturn=self.spec.multiturn,
         )
 
     def _wrapper(self, model: Any, tokenizer: Any) -> ResidentLM:
@@ -155,27 +164,6 @@ class LmEvalFitness(Fitness):
             raise ModelError(f"fitness.dtype: the model is {actual}, expected {self.spec.dtype}")
         if self.spec.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ModelError("fitness.apply_chat_template: the tokenizer has no chat template")
-
-
-def _per_example(task: PreparedTask, samples: Mapping[str, list[dict[str, Any]]]) -> ExampleScores | None:
-    """Scores of the objective's metric and filter, keyed by the doc's index in the full split (a
-    group's members one after another: see ``Leaf.offset``).
-
-    ``None`` for corpus-level metrics whose per-document value is not one number (perplexity, BLEU).
-    """
-    pairs = []
-    for leaf in task.leaves:
-        for sample in samples[leaf.name]:
-            if sample["filter"] != task.filter or task.metric not in sample:
-                continue
-            value = sample[task.metric]
-            if isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, numbers.Real):
-                return None
-            pairs.append((leaf.offset + leaf.doc_ids[sample["doc_id"]], float(value)))
-    pairs.sort()
-    return ExampleScores(tuple(i for i, _ in pairs), tuple(s for _, s in pairs))
 
 
 def _describe_leaf(leaf: Leaf) -> dict[str, Any]:

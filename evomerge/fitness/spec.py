@@ -13,6 +13,7 @@ Example (the ``fitness:`` section of an experiment)::
     fewshot_as_multiturn: null        # null: follows apply_chat_template
     system_instruction: null
     gen_kwargs: {max_gen_toks: 64}    # updates every generate_until task's generation_kwargs
+    racing: {chunk: 25, confidence: 0.95}   # off by default: stop candidates that cannot win
     dtype: float32
     tasks:
       - {task: arith_lang_b, metric: exact_match, weight: 2.0}
@@ -41,6 +42,15 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 AGGREGATE = "fitness"
 """Name of the weighted aggregate objective; no task objective may use it."""
+
+
+class RacingSpec(BaseModel):
+    """Score candidates in chunks and stop one that cannot beat the incumbent (see ``fitness.racing``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk: int = Field(default=25, ge=1, description="examples scored between two checks")
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0, description="joint confidence of the bounds")
 
 
 class TaskSpec(BaseModel):
@@ -111,6 +121,9 @@ class FitnessSpec(BaseModel):
         default=None,
         description="updates every generate_until task's generation_kwargs (lm-eval's --gen_kwargs), "
         "as a mapping or 'key=value,...'; decoding stays greedy",
+    )
+    racing: RacingSpec | None = Field(
+        default=None, description="score in chunks and stop hopeless candidates early; null = off"
     )
     device: str | None = Field(default=None, description="where the model must be; null = wherever it is")
     dtype: DType | None = Field(default=None, description="the model's dtype; null = whatever it is")

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import logging
+import numbers
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from evomerge.errors import ConfigError, DatasetError
 from evomerge.fitness.catalog import TaskCatalog, dataset_error
-from evomerge.fitness.result import Direction
+from evomerge.fitness.result import Direction, ExampleScores
 from evomerge.fitness.runtime import dropped, no_dataset_progress_bars, silenced
 from evomerge.fitness.spec import FitnessSpec, TaskSpec
 
@@ -47,6 +48,7 @@ class ResidentTask(ConfigurableTask):
 
     _subset: list[dict[str, Any]] | None = None
     _built_key: tuple[Any, ...] | None = None
+    _active: frozenset[int] | None = None
 
     @property
     def eval_docs(self) -> Any:
@@ -62,6 +64,37 @@ class ResidentTask(ConfigurableTask):
         self._subset = [docs[i] for i in doc_ids]
         self._targets: dict[int, tuple[dict[str, Any], Any]] = {}
         self._built_key = None
+
+    def activate(self, positions: Sequence[int] | None) -> None:
+        """Evaluate only these positions of the subset (racing scores a chunk at a time); None: all.
+
+        The prompts stay built for every document: lm-eval then sees only the active documents'
+        requests, filters, scores and samples (doc ids stay positions in the whole subset).
+        """
+        self._active = None if positions is None else frozenset(positions)
+
+    @property
+    def instances(self) -> list[Instance]:
+        if self._active is None:
+            return self._instances
+        return [instance for instance in self._instances if instance.doc_id in self._active]
+
+    def doc_iterator(
+        self, *, rank: int = 0, limit: int | None = None, world_size: int = 1, samples: list[int] | None = None
+    ) -> Any:
+        if self._active is None:
+            return super().doc_iterator(rank=rank, limit=limit, world_size=world_size, samples=samples)
+        return ((i, doc) for i, doc in enumerate(self.eval_docs) if i in self._active)
+
+    def apply_filters(self) -> Any:
+        if self._active is None:
+            return super().apply_filters()
+        everything = self._instances
+        self._instances = self.instances
+        try:
+            return super().apply_filters()
+        finally:
+            self._instances = everything
 
     def doc_to_target(self, doc: Any, doc_to_target: Any = None) -> Any:
         """lm-eval renders each target twice per candidate (scoring, sample log); the subset's
@@ -109,7 +142,7 @@ class ResidentTask(ConfigurableTask):
                 instance.filtered_resps = {}
             return
         instances: list[Instance] = []
-        for doc_id, doc in self.doc_iterator(rank=rank, limit=limit, samples=samples, world_size=world_size):
+        for doc_id, doc in super().doc_iterator(rank=rank, limit=limit, samples=samples, world_size=world_size):
             context = self.fewshot_context(
                 doc,
                 num_fewshot=self.config.num_fewshot or 0,
@@ -186,6 +219,31 @@ class PreparedTask:
     @property
     def n_examples(self) -> int:
         return sum(len(leaf.doc_ids) for leaf in self.leaves)
+
+    @property
+    def example_ids(self) -> tuple[int, ...]:
+        """Every example's id: its doc's index in the full split, plus its task's offset in a group."""
+        return tuple(sorted(leaf.offset + i for leaf in self.leaves for i in leaf.doc_ids))
+
+    def example_scores(self, samples: Mapping[str, list[dict[str, Any]]]) -> ExampleScores | None:
+        """The objective's metric and filter per example of lm-eval's logged ``samples`` (those of
+        the documents evaluated), keyed by ``example_ids``.
+
+        ``None`` for corpus-level metrics whose per-document value is not one number (perplexity, BLEU).
+        """
+        pairs = []
+        for leaf in self.leaves:
+            for sample in samples.get(leaf.name, ()):
+                if sample["filter"] != self.filter or self.metric not in sample:
+                    continue
+                value = sample[self.metric]
+                if isinstance(value, bool):
+                    value = float(value)
+                if not isinstance(value, numbers.Real):
+                    return None
+                pairs.append((leaf.offset + leaf.doc_ids[sample["doc_id"]], float(value)))
+        pairs.sort()
+        return ExampleScores(tuple(i for i, _ in pairs), tuple(s for _, s in pairs))
 
 
 def build_catalog(include_path: Sequence[str], base_dir: Path | None = None) -> TaskCatalog:

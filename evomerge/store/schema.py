@@ -4,6 +4,10 @@ Append-only is enforced by the database itself: triggers abort any UPDATE of a c
 or result and any DELETE of a result. Only superseded strategy checkpoints are ever deleted.
 A candidate's status is never stored; it is derived (pending → running → ok/failed) from the rows
 that exist, so recording progress never rewrites anything.
+
+Versions: 1 → 2 adds ``estimates`` (a result that racing stopped early is an estimate from part of
+the examples). An older store is upgraded when a driver opens it for writing; a reader sees it as
+if upgraded (an empty ``estimates`` in the connection's temporary schema), so both read it alike.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from urllib.parse import quote
 
 from evomerge.store.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x45764D67
 """``PRAGMA application_id`` of an evomerge run store ("EvMg"): tells our files from other SQLite files."""
 
@@ -74,6 +78,24 @@ CREATE TRIGGER results_never_deleted BEFORE DELETE ON results
     BEGIN SELECT RAISE(ABORT, 'results are append-only'); END;
 """
 
+ESTIMATES_TABLE = """
+CREATE TABLE estimates (
+    seq      INTEGER PRIMARY KEY REFERENCES results(seq),   -- a result racing stopped early
+    examples INTEGER NOT NULL,                               -- examples it was scored on ...
+    total    INTEGER NOT NULL                                -- ... of this many
+);
+"""
+ESTIMATES_TRIGGERS = """
+CREATE TRIGGER estimates_append_only BEFORE UPDATE ON estimates
+    BEGIN SELECT RAISE(ABORT, 'estimates are append-only'); END;
+CREATE TRIGGER estimates_never_deleted BEFORE DELETE ON estimates
+    BEGIN SELECT RAISE(ABORT, 'estimates are append-only'); END;
+"""
+DDL += ESTIMATES_TABLE + ESTIMATES_TRIGGERS
+
+UPGRADES = {1: (ESTIMATES_TABLE, ESTIMATES_TRIGGERS)}
+"""What takes a store from schema version ``key`` to ``key + 1``: its new tables, then the rest."""
+
 
 def connect(path: Path, *, mode: str) -> sqlite3.Connection:
     """Open ``path`` (``mode``: 'rwc' create, 'rw' write, 'ro' read) and check it is our store.
@@ -105,8 +127,10 @@ def connect(path: Path, *, mode: str) -> sqlite3.Connection:
             f"{SCHEMA_VERSION}); upgrade evomerge to open it"
         )
     if version < SCHEMA_VERSION:
-        conn.close()
-        raise StoreError(f"{path}: store schema {version} is not supported (expected {SCHEMA_VERSION})")
+        if not all(v in UPGRADES for v in range(version, SCHEMA_VERSION)):
+            conn.close()
+            raise StoreError(f"{path}: store schema {version} is not supported (expected {SCHEMA_VERSION})")
+        _upgrade(conn, version, temporary=mode == "ro")
     if mode == "ro":
         conn.execute("PRAGMA query_only = ON")
     else:
@@ -122,3 +146,20 @@ def _initialize(conn: sqlite3.Connection) -> None:
         f"BEGIN IMMEDIATE;\n{DDL}\nPRAGMA application_id = {APPLICATION_ID};\n"
         f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     )
+
+
+def _upgrade(conn: sqlite3.Connection, version: int, *, temporary: bool) -> None:
+    """Bring a store from ``version`` to ``SCHEMA_VERSION`` in one transaction; a reader (which may
+    not write) gets the new tables as temporary ones in its own connection instead."""
+    steps = [UPGRADES[v] for v in range(version, SCHEMA_VERSION)]
+    if temporary:
+        conn.executescript("".join(tables.replace("CREATE TABLE ", "CREATE TEMP TABLE ") for tables, _ in steps))
+        return
+    ddl = "".join(tables + rest for tables, rest in steps)
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;\n{ddl}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        raise
