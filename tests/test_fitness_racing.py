@@ -28,6 +28,7 @@ from evomerge.fitness import AGGREGATE, LmEvalFitness
 from evomerge.fitness.lm import ResidentLM
 from evomerge.fitness.racing import Bar, Estimate, Incumbents, race_order, score_bounds, z_value
 from evomerge.inspection import RunView, pareto_front
+from evomerge.inspection.report import write_report
 from evomerge.search import STRATEGIES, Proposal, Strategy, register_strategy
 from evomerge.status import run_status
 from evomerge.store import RunStore
@@ -280,6 +281,11 @@ def test_a_raced_search_stops_hopeless_candidates_and_says_so(
     assert "racing: 4 of 5 candidates stopped early (estimates, never best); examples saved 128 of 200 (64%)" in capsys.readouterr().out
     assert cli.main(["front", str(run)]) == 0
     assert "1 non-dominated of 2 successful candidates; 4 more stopped early by racing" in capsys.readouterr().out
+    assert cli.main(["export", str(run), "--candidate", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "candidate 1 was stopped early by racing (8 of 40 examples scored)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    page = write_report(run).read_text()
+    assert "stopped early by racing</td><td>4 candidates (estimates, left out below); 128 examples saved" in page
 
 
 def test_racing_refuses_a_strategy_that_scores_example_by_example(tmp_path, pico_family, base_task):
