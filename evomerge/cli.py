@@ -112,10 +112,13 @@ def _cmd_front(args: argparse.Namespace) -> int:
     members = pareto_front(view, objectives)
     if args.json:
         print(json.dumps({"run_dir": str(view.run_dir), "state": view.state, "objectives": objectives or view.objectives,
-                          "front": [m.to_json() for m in members]}, indent=2))
+                          "front": [m.to_json() for m in members], "stopped_early": [r.ticket for r in view.estimates()]},
+                         indent=2))
         return 0
     names = view.objectives
-    print(f"{view.name}: {len(members)} non-dominated of {len(view.ok_results())} successful candidates ({view.state})")
+    stopped = len(view.estimates())
+    raced = f"; {stopped} more stopped early by racing (estimates, not ranked)" if stopped else ""
+    print(f"{view.name}: {len(members)} non-dominated of {len(view.ok_results())} successful candidates{raced} ({view.state})")
     for m in members:
         val = " ".join(f"{n}={m.objectives[n]:.4g}" for n in names)
         test = "" if m.heldout is None else "  test " + " ".join(f"{n}={m.heldout[n]:.4g}" for n in names)

@@ -77,6 +77,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "budget": dict(experiment["budget"]),
         "done": summary is not None,
         "best": best_data,
+        "racing": racing_summary(experiment, results),
         "throughput": {
             "candidates_per_hour": candidates_per_hour([r.finished for r in results]),
             "seconds_per_candidate": {
@@ -97,6 +98,27 @@ def _strategy_state(strategy: dict[str, Any], results: list[Any], parents: dict[
     cls = get_strategy(strategy["name"])
     settings = cls.Settings.model_validate(strategy.get("settings") or {})
     return cls.summarize(settings, [r.evaluation for r in results], parents)
+
+
+def racing_summary(experiment: dict[str, Any], results: list[Any]) -> dict[str, Any] | None:
+    """Candidates racing stopped early and the examples that saved (None when racing is off).
+
+    Every evaluated candidate would otherwise have been scored on the race's full set (``total``).
+    """
+    if not (experiment.get("fitness") or {}).get("racing"):
+        return None
+    scored = [r for r in results if r.ok and r.cached_from is None]
+    stopped = [r for r in scored if r.estimate is not None]
+    total = stopped[0].estimate.total if stopped else None
+    full = None if total is None else total * len(scored)
+    saved = sum(r.estimate.saved for r in stopped)
+    return {
+        "stopped": len(stopped),
+        "evaluated": len(scored),
+        "examples_scored": None if full is None else full - saved,
+        "examples_saved": saved,
+        "examples_full": full,
+    }
 
 
 def candidates_per_hour(finished: list[float]) -> float | None:
@@ -138,6 +160,16 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
         if best["heldout"] is not None:
             line += " | held-out " + ", ".join(f"{k} {v:.4f}" for k, v in best["heldout"].items())
         console.print(line)
+    racing = status.get("racing")
+    if racing is not None:
+        if racing["stopped"]:
+            console.print(
+                f"racing: {racing['stopped']} of {racing['evaluated']} candidates stopped early (estimates, never best); "
+                f"examples saved {racing['examples_saved']:,} of {racing['examples_full']:,} "
+                f"({racing['examples_saved'] / racing['examples_full']:.0%})"
+            )
+        else:
+            console.print(f"racing: no candidate stopped early yet ({racing['evaluated']} evaluated in full)")
     for worker in status.get("workers", []):
         where = f" on {worker['node']} ({worker['device']})" if worker["node"] is not None else ""
         console.print(

@@ -263,3 +263,23 @@ def test_overwrite_replaces_only_what_a_run_wrote(experiment, tmp_path, capsys):
     assert set(after) == set(user) | set(_files(fresh))  # the old report's page and figures are gone
     with RunStore.open_reader(run) as store:
         assert store.metadata["created"] > first_created and store.metadata["experiment"]["seed"] == 1
+
+
+def test_builtin_task_offline_without_its_dataset_is_refused_before_the_run_dir(
+    experiment, tmp_path, capsys, monkeypatch
+):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    data = yaml.safe_load(experiment.read_text())
+    data["fitness"]["tasks"] = [{"task": "arc_easy", "metric": "acc"}]
+    experiment.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert cli.main(["run", str(experiment), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fitness task 'arc_easy': dataset allenai/ai2_arc (ARC-Easy) is not in the local")
+    assert "HF_DATASETS_OFFLINE=1" in err and "\n" not in err
+    assert not run.exists()

@@ -83,12 +83,14 @@ MALFORMED = [
      "fitness.weight: unknown key (did you mean 'weights'?); expected one of: python, weights, directions, version"),
     ("lm-eval-typo", {"fitness": {**LM_FITNESS, "limt": 3}},
      "fitness.limt: unknown key (did you mean 'limit'?); expected one of: tasks, include_path, split, limit, seed, "
-     "batch_size, num_fewshot, apply_chat_template, device, dtype"),
+     "batch_size, num_fewshot, apply_chat_template, fewshot_as_multiturn, system_instruction, gen_kwargs, racing, "
+     "device, dtype"),
     ("lm-eval-weight", {"fitness": {**LM_FITNESS, "tasks": [{"task": "zoo_add_b", "weight": -1}]}},
      "fitness.tasks[0].weight: Input should be greater than or equal to 0"),
     ("heldout-typo", {"fitness": LM_FITNESS, "heldout": {"splitt": "test"}},
      "heldout.splitt: unknown key (did you mean 'split'?); expected one of: tasks, include_path, split, limit, seed, "
-     "batch_size, num_fewshot, apply_chat_template, device, dtype"),
+     "batch_size, num_fewshot, apply_chat_template, fewshot_as_multiturn, system_instruction, gen_kwargs, racing, "
+     "device, dtype"),
     ("heldout-number", {"heldout": 3}, "heldout: expected true, false or a mapping of fitness overrides, got 3"),
     ("space-number", {"search_space": 3}, "search_space: expected a search-space file path or an inline mapping, got int"),
     ("space-missing-file", {"search_space": "nope.yaml"}, "search_space: file not found: {folder}/nope.yaml"),

@@ -126,6 +126,7 @@ class TestSpec:
         assert spec.include_path == ["fitness"]
         assert (spec.split, spec.limit, spec.seed, spec.batch_size) == ("validation", None, 0, 32)
         assert (spec.num_fewshot, spec.apply_chat_template, spec.device, spec.dtype) == (None, False, None, None)
+        assert (spec.fewshot_as_multiturn, spec.multiturn, spec.system_instruction, spec.gen_kwargs) == (None, False, None, None)
         assert spec.tasks[0].weight == 1.0 and spec.tasks[0].objective == "t"
 
     @pytest.mark.parametrize(
@@ -144,9 +145,9 @@ class TestSpec:
             parse_fitness_spec({"include_path": "f", "tasks": [{"task": "t"}], **data})
         assert "\n" not in str(err.value)
 
-    def test_include_path_is_required(self):
-        with pytest.raises(ConfigError, match="fitness: include_path: required field is missing"):
-            parse_fitness_spec({"tasks": [{"task": "t"}]})
+    def test_include_path_is_optional(self):
+        """Without folders, names are looked up among lm-eval's own tasks."""
+        assert parse_fitness_spec({"tasks": [{"task": "gsm8k"}]}).include_path == []
 
     def test_lm_eval_fitness_rejects_bad_spec_before_touching_disk(self):
         with pytest.raises(ConfigError, match="fitness: tasks: Input should be a valid list"):

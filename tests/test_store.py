@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.search import Evaluation, Proposal
-from evomerge.store import DB_NAME, RunStore, StoreError
+from evomerge.search import Evaluation, Proposal, build_strategy
+from evomerge.fitness.racing import Estimate
+from evomerge.store import DB_NAME, SCHEMA_VERSION, RunStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,6 +207,54 @@ def test_fitness_cache_and_best(tmp_path):
         assert store.best(objective=0, split="test") is None
 
 
+def test_racing_estimates_are_recorded_and_never_best_nor_cached(tmp_path):
+    with RunStore.create(tmp_path / "run") as store:
+        for ticket, recipe_hash in enumerate(["a", "a", "b"]):
+            store.add_candidate(_proposal(ticket, [0.0]), recipe_hash=recipe_hash)
+        store.add_result(Evaluation(0, np.array([0.9])), fitness_hash="F", estimate=Estimate(25, 100))
+        store.add_result(Evaluation(2, np.array([0.4])), fitness_hash="F")
+        assert store.lookup_cache("a", "F") is None  # an estimate is no measurement of the recipe
+        assert store.best().ticket == 2  # 0.9 is only an estimate
+        stopped, full = store.results()
+        assert (stopped.estimate, stopped.ok, stopped.complete) == (Estimate(25, 100), True, False)
+        assert (full.estimate, full.complete) == (None, True)
+        assert store.counts()["ok"] == 2
+    with RunStore.open_reader(tmp_path / "run") as reader:
+        assert [r.estimate for r in reader.results()] == [Estimate(25, 100), None]
+    raw = sqlite3.connect(tmp_path / "run" / DB_NAME)
+    for statement in ("UPDATE estimates SET examples = 100", "DELETE FROM estimates"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            raw.execute(statement)
+    raw.close()
+
+
+def _downgrade_to_1(path: Path) -> None:
+    """What a schema-1 store (before racing estimates) looks like."""
+    raw = sqlite3.connect(path)
+    raw.executescript("DROP TABLE estimates; PRAGMA user_version = 1;")
+    raw.close()
+
+
+def test_a_schema_1_store_is_read_as_is_and_upgraded_by_a_writer(tmp_path):
+    run = tmp_path / "run"
+    with RunStore.create(run) as store:
+        store.add_candidate(_proposal(0, [0.0]))
+        store.add_result(Evaluation(0, np.array([0.5])))
+    _downgrade_to_1(run / DB_NAME)
+    with RunStore.open_reader(run) as reader:  # a reader may not write: the file stays at version 1
+        assert [(r.ticket, r.estimate) for r in reader.results()] == [(0, None)]
+    raw = sqlite3.connect(run / DB_NAME)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+    raw.close()
+    with RunStore.open(run) as store:  # a driver resuming it upgrades it, keeping every row
+        store.add_candidate(_proposal(1, [0.1]))
+        store.add_result(Evaluation(1, np.array([0.7])), estimate=Estimate(5, 50))
+        assert [(r.ticket, r.estimate) for r in store.results()] == [(0, None), (1, Estimate(5, 50))]
+    raw = sqlite3.connect(run / DB_NAME)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    raw.close()
+
+
 # -- opening: lock, errors -----------------------------------------------------------------
 
 
@@ -271,13 +320,13 @@ def test_store_from_a_newer_schema_is_refused(tmp_path):
     run = tmp_path / "run"
     RunStore.create(run).close()
     raw = sqlite3.connect(run / DB_NAME)
-    raw.execute("PRAGMA user_version = 3")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.close()
     with pytest.raises(StoreError) as info:
         RunStore.open_reader(run)
     assert str(info.value) == (
-        f"{run / DB_NAME}: written by a newer evomerge (store schema 3, this version reads up to 2); "
-        "upgrade evomerge to open it"
+        f"{run / DB_NAME}: written by a newer evomerge (store schema {SCHEMA_VERSION + 1}, this version reads up to "
+        f"{SCHEMA_VERSION}); upgrade evomerge to open it"
     )
 
 

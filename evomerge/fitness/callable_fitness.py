@@ -23,6 +23,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.fitness.base import Fitness
+from evomerge.fitness.racing import Bar
 from evomerge.fitness.result import Direction, ExampleScores, FitnessResult, finalize
 
 FitnessFn = Callable[[Any, Any], Any]
@@ -66,7 +67,8 @@ class CallableFitness(Fitness):
             "directions": self._directions,
         }
 
-    def evaluate(self, model: Any, tokenizer: Any) -> FitnessResult:
+    def evaluate(self, model: Any, tokenizer: Any, bar: Bar | None = None) -> FitnessResult:
+        """Calls ``fn`` once; a function's scores arrive all at once, so ``bar`` cannot stop it early."""
         start = time.perf_counter()
         output = self._fn(model, tokenizer)
         elapsed = time.perf_counter() - start

@@ -60,6 +60,12 @@ def choose_candidate(view: RunView, *, candidate: int | None = None, best: bool 
     if candidate is not None:
         view.recipe(candidate)
         if not any(r.ticket == candidate for r in view.ok_results()):
+            stopped = next((r for r in view.estimates() if r.ticket == candidate), None)
+            if stopped is not None:
+                raise ConfigError(
+                    f"--candidate: candidate {candidate} was stopped early by racing ({stopped.estimate.examples} of "
+                    f"{stopped.estimate.total} examples scored); its scores are estimates, so it is not exported"
+                )
             raise ConfigError(f"--candidate: candidate {candidate} has no successful validation result")
         return candidate
     if best:

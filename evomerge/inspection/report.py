@@ -103,6 +103,7 @@ def overview(ctx: ReportContext) -> str:
         ["run", view.name], ["directory", str(view.run_dir)], ["strategy", view.strategy],
         ["objectives (validation, higher is better)", ", ".join(view.objectives)],
         ["evaluations", f"{len(results)} ({failed} failed) of a budget of {budget.get('evaluations') or '–'}"],
+        *_racing_rows(view),
         ["candidates on the front", str(len(ctx.front))],
         ["report written", time.strftime("%Y-%m-%d %H:%M:%S")],
     ]
@@ -110,6 +111,15 @@ def overview(ctx: ReportContext) -> str:
     return f"<h1>{html.escape(view.name)}</h1>{warn}<p>State: {state if view.state == 'finished' else view.state}.</p>" + _table(
         ["", ""], rows
     )
+
+
+def _racing_rows(view: RunView) -> list[list[str]]:
+    """A row on racing when candidates were stopped early (their estimates are in no figure)."""
+    stopped = view.estimates()
+    if not stopped:
+        return []
+    saved = sum(r.estimate.saved for r in stopped)
+    return [["stopped early by racing", f"{len(stopped)} candidates (estimates, left out below); {saved:,} examples saved"]]
 
 
 @report_part("front", 20)

@@ -56,15 +56,21 @@ class RunView:
         )
 
     def ok_results(self, split: str = "validation", *, distinct: bool = False) -> list[ResultRecord]:
-        """Successful results of ``split``, one per candidate (the first recorded), in store order;
-        ``distinct`` also drops fitness-cache hits (a repeat of an earlier candidate's recipe)."""
+        """Complete successful results of ``split``, one per candidate (the first recorded), in store
+        order; ``distinct`` also drops fitness-cache hits (a repeat of an earlier candidate's recipe).
+        Racing estimates (``estimates``) are left out: they are no measurement of a candidate, so no
+        front, best, pick or plot counts them."""
         seen: set[int] = set()
         kept = []
         for record in sorted(self.results[split], key=lambda r: r.seq):
-            if record.ok and record.ticket not in seen and not (distinct and record.cached_from is not None):
+            if record.complete and record.ticket not in seen and not (distinct and record.cached_from is not None):
                 seen.add(record.ticket)
                 kept.append(record)
         return kept
+
+    def estimates(self) -> list[ResultRecord]:
+        """Validation results racing stopped early, in store order."""
+        return [r for r in sorted(self.results["validation"], key=lambda r: r.seq) if r.ok and r.estimate is not None]
 
     def values(self, records: list[ResultRecord], objectives: list[str]) -> np.ndarray:
         """The chosen objectives of ``records`` as an n × k array."""

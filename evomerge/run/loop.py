@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.display import LiveProgress, print_summary
+from evomerge.fitness.racing import Incumbents
 from evomerge.recipe import Blueprint, recipe_from_dict, recipe_hash
 from evomerge.run.heldout import (
     Heldout,
@@ -71,6 +72,12 @@ class Driver:
         self._clock = time.perf_counter()
         best = store.best()
         self._best = (None, None) if best is None else (float(best.evaluation.objectives[0]), best.ticket)
+        racing = getattr(self.experiment.fitness, "racing", None)
+        self._incumbents = None if racing is None else Incumbents(session.objectives.names)
+        if self._incumbents is not None:
+            for record in results:
+                if record.complete:
+                    self._incumbents.add(record.evaluation.objectives)
         budget = self.experiment.budget
         self._display = LiveProgress(self.experiment.name, budget.evaluations, enabled=progress)
 
@@ -155,7 +162,8 @@ class Driver:
                 return
             if digest is not None and self._reuse(ticket, digest):
                 continue
-            worker = self.executor.submit(Job(ticket, recipe))
+            bar = None if self._incumbents is None else self._incumbents.bar()
+            worker = self.executor.submit(Job(ticket, recipe, bar=bar))
             self.store.mark_running(ticket, worker)
 
     def _decode(self, proposal: Proposal) -> Blueprint:
@@ -186,14 +194,17 @@ class Driver:
         )
         self.store.add_result(evaluation, fitness_hash=self.session.fitness_hash, cached_from=hit.ticket)
         self._cached += 1
-        self._told(evaluation)
+        self._told(evaluation, complete=True)
         return True
 
     # -- completing ------------------------------------------------------------------------------
 
     def _complete(self, outcome: Outcome) -> None:
+        """Store an outcome, then tell the strategy; a racing estimate is told like any result
+        (its objectives are the estimate) but is never the best nor an incumbent."""
         ticket = int(outcome.key)
         evaluation, error = self.session.objectives.evaluation(ticket, outcome)
+        estimate = None if evaluation.failed else getattr(outcome.result, "estimate", None)
         self.store.add_result(
             evaluation,
             fitness_hash=self.session.fitness_hash,
@@ -201,10 +212,11 @@ class Driver:
             started=outcome.started,
             timings=outcome.timings,
             error=error,
+            estimate=estimate,
         )
         if evaluation.failed:
             self._failed += 1
-        self._told(evaluation)
+        self._told(evaluation, complete=estimate is None)
         self._write_workers()
 
     def _write_workers(self, *, force: bool = False) -> None:
@@ -218,16 +230,18 @@ class Driver:
             write_json(Path(self.store.path).parent / WORKERS_FILE, {"updated": time.time(), "workers": states})
             self._workers_written = now
 
-    def _told(self, evaluation: Evaluation) -> None:
+    def _told(self, evaluation: Evaluation, *, complete: bool) -> None:
         """Tell the strategy a result already in the store; checkpoint every ``checkpoint_every`` results."""
         self.strategy.tell(evaluation)
         self._n_results += 1
         self._session_results += 1
         self._unsaved += 1
-        if not evaluation.failed:
+        if not evaluation.failed and complete:
             value = float(evaluation.objectives[0])
             if self._best[0] is None or value > self._best[0]:
                 self._best = (value, evaluation.ticket)
+            if self._incumbents is not None:
+                self._incumbents.add(evaluation.objectives)
         if self._n_results % self.experiment.checkpoint_every == 0:
             self._checkpoint()
         self._refresh()

@@ -22,6 +22,7 @@ from evomerge import __version__
 from evomerge.display import print_summary
 from evomerge.errors import ConfigError
 from evomerge.experiment import Experiment, load_experiment, prepare_zoo
+from evomerge.fitness.spec import RacingSpec
 from evomerge.pool.fingerprint import (
     ModelFingerprint,
     check_unchanged,
@@ -70,6 +71,11 @@ def prepare(experiment: Experiment, fingerprints: dict[str, ModelFingerprint] | 
         raise ConfigError(
             f"{experiment.source}: strategy {cls.name} breeds children from parents; search_space kind "
             f"'{experiment.search_space.get('kind', 'parameter')}' cannot derive them (use kind: split_point)"
+        )
+    if cls.breeds and racing_of(experiment) is not None:
+        raise ConfigError(
+            f"{experiment.source}: fitness.racing: strategy {cls.name} compares candidates example by example "
+            "and needs every example scored; turn racing off"
         )
     if not space.derives:
         recipe_from_dict(json.loads(space.decode(space.initial_genome()).model_dump_json()), f"{experiment.source}: search_space")

@@ -20,11 +20,16 @@ Split = Literal["validation", "test"]
 
 @dataclass(frozen=True)
 class Job:
-    """Materialize ``recipe`` and score it with the fitness of ``split``."""
+    """Materialize ``recipe`` and score it with the fitness of ``split``.
+
+    ``bar`` (a ``fitness.racing.Bar``, plain data) is what the candidate must be able to reach: a
+    racing fitness stops scoring it once it cannot.
+    """
 
     key: int | str
     recipe: Recipe
     split: Split = "validation"
+    bar: Any | None = None
 
 
 @dataclass(frozen=True)

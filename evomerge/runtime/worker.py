@@ -122,7 +122,7 @@ class Worker:
             self.merger.apply(job.recipe)
             merged = time.perf_counter()
             timings["merge"] = merged - start
-            result = self.fitness(job.split).evaluate(self.merger.model, self.tokenizer)
+            result = self.fitness(job.split).evaluate(self.merger.model, self.tokenizer, bar=job.bar)
             timings["evaluate"] = time.perf_counter() - merged
         except Exception as err:  # a candidate's failure, recorded with its error text
             timings["total"] = time.perf_counter() - start

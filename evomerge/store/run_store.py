@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.fitness.racing import Estimate
 from evomerge.search.types import Evaluation, Proposal
 from evomerge.store.durability import WalSyncer
 from evomerge.store.errors import StoreError
@@ -51,7 +52,11 @@ class CandidateRecord:
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """A stored evaluation with its provenance (split, fitness spec, worker, timings, error)."""
+    """A stored evaluation with its provenance (split, fitness spec, worker, timings, error).
+
+    ``estimate`` is set for a result racing stopped early (how many of how many examples it rests
+    on): its objectives are estimates, so it is never the best, never on a front, never a cache hit.
+    """
 
     evaluation: Evaluation
     seq: int
@@ -64,6 +69,7 @@ class ResultRecord:
     finished: float
     timings: dict[str, float]
     error: str | None
+    estimate: Estimate | None = None
 
     @property
     def ticket(self) -> int:
@@ -72,6 +78,11 @@ class ResultRecord:
     @property
     def ok(self) -> bool:
         return not self.evaluation.failed
+
+    @property
+    def complete(self) -> bool:
+        """Successful and scored on every example (not a racing estimate)."""
+        return self.ok and self.estimate is None
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ _CANDIDATE_FROM = "candidates c LEFT JOIN results r ON r.ticket = c.ticket AND r
 _RESULT_COLUMNS = """
     seq, ticket, split, status, objectives, per_example, fitness_hash, recipe_hash, cached_from,
     worker, started, finished, timings, error
+"""
+_RESULT_SELECT = _RESULT_COLUMNS + """,
+    (SELECT e.examples FROM estimates e WHERE e.seq = results.seq),
+    (SELECT e.total FROM estimates e WHERE e.seq = results.seq)
 """
 
 
@@ -246,10 +261,12 @@ class RunStore:
         timings: Mapping[str, float] | None = None,
         error: str | None = None,
         cached_from: int | None = None,
+        estimate: Estimate | None = None,
     ) -> int:
         """Record an evaluation durably (before the strategy is told); returns its sequence number.
 
         Non-finite objectives are recorded as a failure, as the strategy will treat them.
+        ``estimate``: racing stopped this evaluation early (recorded with it, in one transaction).
         """
         syncer = self._writable()
         if split not in SPLITS:
@@ -258,6 +275,8 @@ class RunStore:
         if evaluation.example_ids is not None:
             self._record_example_ids(fitness_hash, evaluation.example_ids)
         seq = self._seq + 1
+        if estimate is not None and not evaluation.failed:
+            self._conn.execute("BEGIN IMMEDIATE")
         try:
             cursor = self._conn.execute(
                 f"INSERT INTO results ({_RESULT_COLUMNS}) "
@@ -278,15 +297,29 @@ class RunStore:
                     evaluation.ticket,
                 ),
             )
+            if cursor.rowcount == 1 and self._conn.in_transaction:
+                self._conn.execute(
+                    "INSERT INTO estimates (seq, examples, total) VALUES (?, ?, ?)", (seq, estimate.examples, estimate.total)
+                )
+                self._conn.execute("COMMIT")
         except sqlite3.IntegrityError:
+            self._rollback()
             raise ValueError(
                 f"add_result: ticket {evaluation.ticket} already has a {split} result (results are append-only)"
             ) from None
+        except BaseException:
+            self._rollback()
+            raise
         if cursor.rowcount != 1:
+            self._rollback()
             raise ValueError(f"add_result: unknown ticket {evaluation.ticket}")
         self._seq = seq
         syncer.request()
         return seq
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
     def _record_example_ids(self, fitness_hash: str | None, ids: tuple[str, ...]) -> None:
         """Store a fitness's example ids once (in ``meta``); every result of that fitness shares them."""
@@ -368,7 +401,7 @@ class RunStore:
     def results_since(self, seq: int, split: str = "validation") -> list[ResultRecord]:
         """Results of ``split`` recorded after event ``seq``, in order."""
         rows = self._conn.execute(
-            f"SELECT {_RESULT_COLUMNS} FROM results WHERE seq > ? AND split = ? ORDER BY seq", (seq, split)
+            f"SELECT {_RESULT_SELECT} FROM results WHERE seq > ? AND split = ? ORDER BY seq", (seq, split)
         )
         return [self._result(row) for row in rows]
 
@@ -399,10 +432,11 @@ class RunStore:
         return None if row is None else Checkpoint(row[0], row[1], json.loads(row[2]), row[3])
 
     def best(self, objective: int = 0, split: str = "validation") -> ResultRecord | None:
-        """The successful result with the highest value of objective ``objective`` (earliest on ties)."""
+        """The complete result with the highest value of objective ``objective`` (earliest on ties);
+        a racing estimate never is."""
         best: ResultRecord | None = None
         for record in self.results(split):
-            value = record.evaluation.objectives[objective] if record.ok else None
+            value = record.evaluation.objectives[objective] if record.complete else None
             if value is not None and (best is None or value > best.evaluation.objectives[objective]):
                 best = record
         return best
@@ -438,10 +472,11 @@ class RunStore:
         return {worker: (int(n), int(failed)) for worker, n, failed in rows}
 
     def lookup_cache(self, recipe_hash: str, fitness_hash: str, split: str = "validation") -> ResultRecord | None:
-        """The first successful result for this (recipe, fitness spec), if any; failures are not cached."""
+        """The first complete result for this (recipe, fitness spec), if any; failures (they may be
+        transient) and racing estimates (they depend on the incumbent of their time) are not cached."""
         row = self._conn.execute(
-            f"SELECT {_RESULT_COLUMNS} FROM results WHERE recipe_hash = ? AND fitness_hash = ? AND split = ? "
-            "AND status = 'ok' ORDER BY seq LIMIT 1",
+            f"SELECT {_RESULT_SELECT} FROM results WHERE recipe_hash = ? AND fitness_hash = ? AND split = ? "
+            "AND status = 'ok' AND seq NOT IN (SELECT seq FROM estimates) ORDER BY seq LIMIT 1",
             (recipe_hash, fitness_hash, split),
         ).fetchone()
         return None if row is None else self._result(row)
@@ -539,7 +574,7 @@ def _candidate(row: tuple[Any, ...]) -> CandidateRecord:
 
 def _result(row: tuple[Any, ...], ids: tuple[str, ...] | None) -> ResultRecord:
     (seq, ticket, split, status, objectives, per_example, fitness_hash, recipe_hash, cached_from,
-     worker, started, finished, timings, error) = row  # fmt: skip
+     worker, started, finished, timings, error, examples, total) = row  # fmt: skip
     return ResultRecord(
         _evaluation(ticket, status, objectives, per_example, ids),
         seq,
@@ -552,4 +587,5 @@ def _result(row: tuple[Any, ...], ids: tuple[str, ...] | None) -> ResultRecord:
         finished,
         {} if timings is None else json.loads(timings),
         error,
+        None if examples is None else Estimate(examples, total),
     )

@@ -4,6 +4,12 @@ Append-only is enforced by the database itself: triggers abort any UPDATE of a c
 or result and any DELETE of a result. Only superseded strategy checkpoints are ever deleted.
 A candidate's status is never stored; it is derived (pending → running → ok/failed) from the rows
 that exist, so recording progress never rewrites anything.
+
+Versions: 1 → 2 replaces results' ``UNIQUE (ticket, split)`` by partial unique indexes (a failed
+held-out result no longer blocks a retry); 2 → 3 adds ``estimates`` (a result that racing stopped
+early is an estimate from part of the examples). An older store is upgraded, in one transaction,
+when a driver opens it for writing; a reader sees it as if upgraded (the columns of 1 and 2 are the
+same; an empty ``estimates`` is made in the connection's temporary schema), so both read it alike.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from urllib.parse import quote
 
 from evomerge.store.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x45764D67
 """``PRAGMA application_id`` of an evomerge run store ("EvMg"): tells our files from other SQLite files."""
 
@@ -79,7 +85,32 @@ CREATE TRIGGER results_append_only BEFORE UPDATE ON results
 CREATE TRIGGER results_never_deleted BEFORE DELETE ON results
     BEGIN SELECT RAISE(ABORT, 'results are append-only'); END;
 """
-DDL = TABLES_DDL + RESULTS_DDL
+ESTIMATES_TABLE = """
+CREATE TABLE estimates (
+    seq      INTEGER PRIMARY KEY REFERENCES results(seq),   -- a result racing stopped early
+    examples INTEGER NOT NULL,                               -- examples it was scored on ...
+    total    INTEGER NOT NULL                                -- ... of this many
+);
+"""
+ESTIMATES_TRIGGERS = """
+CREATE TRIGGER estimates_append_only BEFORE UPDATE ON estimates
+    BEGIN SELECT RAISE(ABORT, 'estimates are append-only'); END;
+CREATE TRIGGER estimates_never_deleted BEFORE DELETE ON estimates
+    BEGIN SELECT RAISE(ABORT, 'estimates are append-only'); END;
+"""
+DDL = TABLES_DDL + RESULTS_DDL + ESTIMATES_TABLE + ESTIMATES_TRIGGERS
+
+RESULTS_REBUILD = f"""
+DROP TRIGGER results_append_only; DROP TRIGGER results_never_deleted; DROP INDEX results_cache;
+ALTER TABLE results RENAME TO results_1;
+{RESULTS_DDL}
+INSERT INTO results SELECT * FROM results_1;
+DROP TABLE results_1;
+"""
+
+UPGRADES = {1: ("", RESULTS_REBUILD), 2: (ESTIMATES_TABLE, ESTIMATES_TRIGGERS)}
+"""What takes a store from schema version ``key`` to ``key + 1``: its new tables, then the rest
+(a reader, which may not write, makes only the new tables, as temporary ones)."""
 
 
 def connect(path: Path, *, mode: str) -> sqlite3.Connection:
@@ -113,11 +144,11 @@ def connect(path: Path, *, mode: str) -> sqlite3.Connection:
             f"{path}: written by a newer evomerge (store schema {version}, this version reads up to "
             f"{SCHEMA_VERSION}); upgrade evomerge to open it"
         )
-    if version == 1 and mode == "rw":
-        _upgrade_from_1(conn)
-    elif version < SCHEMA_VERSION and not (version == 1 and mode == "ro"):
-        conn.close()
-        raise StoreError(f"{path}: store schema {version} is not supported (expected {SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        if not all(v in UPGRADES for v in range(version, SCHEMA_VERSION)):
+            conn.close()
+            raise StoreError(f"{path}: store schema {version} is not supported (expected {SCHEMA_VERSION})")
+        _upgrade(conn, version, temporary=mode == "ro")
     if mode == "ro":
         conn.execute("PRAGMA query_only = ON")
     else:
@@ -135,22 +166,16 @@ def _initialize(conn: sqlite3.Connection) -> None:
     )
 
 
-def _upgrade_from_1(conn: sqlite3.Connection) -> None:
-    """Schema 1 → 2 in one transaction: results lose ``UNIQUE (ticket, split)`` for the partial
-    unique indexes (a failed held-out result no longer blocks a retry); every row is kept.
-
-    A schema-1 store is read as it is (the columns are the same); only a writer upgrades it."""
-    script = (
-        "BEGIN IMMEDIATE;\n"
-        "DROP TRIGGER results_append_only; DROP TRIGGER results_never_deleted; DROP INDEX results_cache;\n"
-        "ALTER TABLE results RENAME TO results_1;\n"
-        f"{RESULTS_DDL}\n"
-        "INSERT INTO results SELECT * FROM results_1;\n"
-        "DROP TABLE results_1;\n"
-        f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-    )
+def _upgrade(conn: sqlite3.Connection, version: int, *, temporary: bool) -> None:
+    """Bring a store from ``version`` to ``SCHEMA_VERSION`` in one transaction, every row kept; a
+    reader (which may not write) gets the new tables as temporary ones in its own connection."""
+    steps = [UPGRADES[v] for v in range(version, SCHEMA_VERSION)]
+    if temporary:
+        conn.executescript("".join(tables.replace("CREATE TABLE ", "CREATE TEMP TABLE ") for tables, _ in steps))
+        return
+    ddl = "".join(tables + rest for tables, rest in steps)
     try:
-        conn.executescript(script)
+        conn.executescript(f"BEGIN IMMEDIATE;\n{ddl}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
