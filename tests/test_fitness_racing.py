@@ -22,13 +22,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evomerge.fitness.lm_eval_fitness as lm_eval_fitness
 from evomerge import cli
-from evomerge.driver import start_run
 from evomerge.errors import ConfigError
 from evomerge.fitness import AGGREGATE, LmEvalFitness
 from evomerge.fitness.lm import ResidentLM
-from evomerge.fitness.racing import Bar, Estimate, Incumbents, race_order, score_bounds, z_value
+from evomerge.fitness.racing import (
+    Bar,
+    Estimate,
+    Incumbents,
+    race_order,
+    score_bounds,
+    z_value,
+)
 from evomerge.inspection import RunView, pareto_front
 from evomerge.inspection.report import write_report
+from evomerge.run import start_run
 from evomerge.search import STRATEGIES, Proposal, Strategy, register_strategy
 from evomerge.status import run_status
 from evomerge.store import RunStore
@@ -289,8 +296,8 @@ def test_a_raced_search_stops_hopeless_candidates_and_says_so(
 
 
 def test_racing_refuses_a_strategy_that_scores_example_by_example(tmp_path, pico_family, base_task):
-    from evomerge.driver import prepare
     from evomerge.experiment import load_experiment
+    from evomerge.run import prepare
 
     data = {
         "name": "niches",

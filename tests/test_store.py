@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.search import Evaluation, Proposal, build_strategy
 from evomerge.fitness.racing import Estimate
+from evomerge.search import Evaluation, Proposal
 from evomerge.store import DB_NAME, SCHEMA_VERSION, RunStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,10 +128,11 @@ def test_heldout_results_may_be_retried_until_one_succeeds(tmp_path):
 
 
 def _as_schema_1(run: Path) -> None:
-    """Rewrite a store's results table as schema 1 had it: UNIQUE (ticket, split)."""
+    """Rewrite a store as schema 1 had it: results with UNIQUE (ticket, split), no estimates."""
     raw = sqlite3.connect(run / DB_NAME)
     columns = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'results'").fetchone()[0]
     raw.executescript(
+        "DROP TABLE estimates;"
         "DROP TRIGGER results_append_only; DROP TRIGGER results_never_deleted; DROP INDEX results_cache;"
         "DROP INDEX results_validation; DROP INDEX results_heldout_ok; ALTER TABLE results RENAME TO old;"
         + columns.replace("error        TEXT\n)", "error        TEXT,\n    UNIQUE (ticket, split)\n)") + ";"
@@ -161,7 +162,7 @@ def test_a_schema_1_store_is_read_as_is_and_upgraded_by_a_writer(tmp_path):
         assert store.lookup_cache(store.candidate(1).recipe_hash, "f") is None  # no recipe hash was given
         with pytest.raises(ValueError, match="ticket 0 already has a validation result"):
             store.add_result(Evaluation(0, np.array([1.0])))
-    assert version() == 2
+    assert version() == SCHEMA_VERSION
     raw = sqlite3.connect(run / DB_NAME)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         raw.execute("DELETE FROM results")
@@ -228,23 +229,23 @@ def test_racing_estimates_are_recorded_and_never_best_nor_cached(tmp_path):
     raw.close()
 
 
-def _downgrade_to_1(path: Path) -> None:
-    """What a schema-1 store (before racing estimates) looks like."""
+def _downgrade_to_2(path: Path) -> None:
+    """What a schema-2 store (before racing estimates) looks like."""
     raw = sqlite3.connect(path)
-    raw.executescript("DROP TABLE estimates; PRAGMA user_version = 1;")
+    raw.executescript("DROP TABLE estimates; PRAGMA user_version = 2;")
     raw.close()
 
 
-def test_a_schema_1_store_is_read_as_is_and_upgraded_by_a_writer(tmp_path):
+def test_a_schema_2_store_is_read_with_no_estimates_and_upgraded_by_a_writer(tmp_path):
     run = tmp_path / "run"
     with RunStore.create(run) as store:
         store.add_candidate(_proposal(0, [0.0]))
         store.add_result(Evaluation(0, np.array([0.5])))
-    _downgrade_to_1(run / DB_NAME)
-    with RunStore.open_reader(run) as reader:  # a reader may not write: the file stays at version 1
+    _downgrade_to_2(run / DB_NAME)
+    with RunStore.open_reader(run) as reader:  # a reader may not write: the file stays at version 2
         assert [(r.ticket, r.estimate) for r in reader.results()] == [(0, None)]
     raw = sqlite3.connect(run / DB_NAME)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
     raw.close()
     with RunStore.open(run) as store:  # a driver resuming it upgrades it, keeping every row
         store.add_candidate(_proposal(1, [0.1]))

@@ -28,7 +28,7 @@ from evomerge.fitness.base import Fitness
 from evomerge.fitness.chunked import Partial, RacePlan
 from evomerge.fitness.lm import ForwardTimer, ResidentLM
 from evomerge.fitness.racing import Bar
-from evomerge.fitness.result import ExampleScores, FitnessResult, finalize
+from evomerge.fitness.result import FitnessResult, finalize
 from evomerge.fitness.runtime import quiet_lm_eval, use_template_cache
 from evomerge.fitness.spec import FitnessSpec, parse_fitness_spec
 from evomerge.fitness.tasks import Leaf, PreparedTask, build_catalog, load_tasks

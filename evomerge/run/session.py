@@ -99,6 +99,11 @@ def prepare(experiment: Experiment, fingerprints: dict[str, ModelFingerprint] | 
 
 
 
+def racing_of(experiment: Experiment) -> RacingSpec | None:
+    """The experiment's racing settings (an lm-eval fitness with ``racing``), None when it is off."""
+    return getattr(experiment.fitness, "racing", None)
+
+
 def start_run(
     experiment_path: str | Path,
     *,
