@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evomerge.validation import validate
+from evomerge.validation import PathText, validate
 
 Split = Literal["validation", "test"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -60,7 +60,7 @@ class FitnessSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tasks: list[TaskSpec] = Field(min_length=1)
-    include_path: list[str] = Field(min_length=1, description="folder(s) holding the task YAML")
+    include_path: list[PathText] = Field(min_length=1, description="folder(s) holding the task YAML")
     split: Split = "validation"
     limit: int | None = Field(default=None, ge=1, description="examples per task; null = all")
     seed: int | None = Field(default=0, description="subset seed; null = the first `limit` examples")

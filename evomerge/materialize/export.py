@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from evomerge.devices import usable_device
 from evomerge.errors import ConfigError
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
 from evomerge.materialize.blocks import blockwise, merge_blocks
@@ -42,6 +43,7 @@ def export_merge(
 ) -> Path:
     """Merge ``recipe`` and write it to ``out_dir`` (safetensors, config, tokenizer, model card)."""
     out_dir = Path(out_dir)
+    usable_device(device, "--device")
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: output folder already exists (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, ModelError
 from evomerge.recipe.schema import ParamSetting, Recipe
-from evomerge.validation import validate
+from evomerge.validation import PathText, validate
 
 SUPPORTED_METHODS = (
     "linear",
@@ -40,13 +40,13 @@ _BASE_IS_INPUT = {"linear"}
 
 class _ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: PathText
     parameters: dict[str, ParamSetting] | None = None
 
 
 class _SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: PathText
     layer_range: tuple[int, int]
     parameters: dict[str, ParamSetting] | None = None
 
@@ -54,7 +54,7 @@ class _SliceSource(BaseModel):
 class _Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[_SliceSource]
-    base_model: str | None = None
+    base_model: PathText | None = None
     parameters: dict[str, ParamSetting] | None = None
 
 
@@ -66,11 +66,11 @@ class MergekitConfig(BaseModel):
     merge_method: str
     models: list[_ModelEntry] | None = None
     slices: list[_Slice] | None = None
-    base_model: str | None = None
+    base_model: PathText | None = None
     parameters: dict[str, ParamSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: PathText | None = None
     name: str | None = Field(default=None, description="ignored label")
 
 
@@ -166,9 +166,12 @@ def _num_layers(ref: str) -> int | None:
     path = Path(ref) / "config.json"
     if not path.is_file():
         return None
-    config = json.loads(path.read_text())
-    value = config.get("num_hidden_layers", config.get("n_layer"))
-    return int(value) if value is not None else None
+    try:
+        config = json.loads(path.read_bytes())
+        value = config.get("num_hidden_layers", config.get("n_layer"))
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        raise ModelError(f"{path}: not a model config (expected a JSON object with num_hidden_layers)") from None
 
 
 def _strip(params: dict[str, ParamSetting]) -> dict[str, ParamSetting]:

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.validation import read_yaml, validate
+from evomerge.validation import PathText, read_yaml, validate
 
 Scalar = Union[bool, int, float, str]
 
@@ -83,7 +83,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: dict[str, str] = Field(description="model name -> local Hugging Face folder")
+    models: dict[str, PathText] = Field(description="model name -> local Hugging Face folder")
     base: str | None = None
     sources: list[str] | None = Field(default=None, description="models merged; default: all but the base")
     method: str
