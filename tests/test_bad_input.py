@@ -45,7 +45,9 @@ SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
 ZOO_SPECS = sorted((REPO / "evomerge" / "zoo").glob("*.yaml"))
 ZOO_MODELS = {"base": "base", "expert_1": "skill_add_a", "expert_2": "lang_qa_b", "expert_3": "sort_a"}
 FUZZ = settings(
-    max_examples=int(os.environ.get("EVOMERGE_FUZZ_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=int(os.environ.get("EVOMERGE_FUZZ_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
