@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -51,12 +51,14 @@ from pydantic import (
 from evomerge.errors import ConfigError, ModelError
 from evomerge.fitness.spec import AGGREGATE, FitnessSpec
 from evomerge.pool.sources import Reference, ResolvedSource, resolve_source
-from evomerge.validation import describe_validation_error, read_yaml, validate
+from evomerge.validation import PathText, describe_validation_error, path_text, read_yaml, validate
 
 ZOO_ENV = "EVOMERGE_ZOO"
 DEFAULT_ZOO_DIR = ".cache/zoo"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PYTHON_REF = re.compile(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="a run seed: every strategy's generator takes 0 to 2³²−1")]
 
 
 class _Strict(BaseModel):
@@ -67,13 +69,13 @@ class ZooConfig(_Strict):
     """The zoo the models come from: ``run`` builds it first if missing or outdated (cached by the
     spec's hash, so a built zoo costs nothing); other commands only check that it is ready."""
 
-    spec: str = Field(default="default", description="zoo spec YAML (relative to the experiment) or 'default'")
-    dir: str | None = Field(default=None, description=f"zoo folder; default ${ZOO_ENV} or {DEFAULT_ZOO_DIR}")
+    spec: PathText = Field(default="default", description="zoo spec YAML (relative to the experiment) or 'default'")
+    dir: PathText | None = Field(default=None, description=f"zoo folder; default ${ZOO_ENV} or {DEFAULT_ZOO_DIR}")
 
 
 class StrategyConfig(_Strict):
     name: str = Field(min_length=1)
-    seed: int | None = Field(default=None, description="default: the experiment's seed")
+    seed: Seed | None = Field(default=None, description="default: the experiment's seed")
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -97,7 +99,7 @@ class ExecutorConfig(_Strict):
     kind: Literal["local", "ray"] = "local"
     device: str = Field(default="cpu", description="torch device of each worker's resident model")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; null = torch's default")
+    threads: int | None = Field(default=None, ge=1, le=1024, description="torch intra-op threads; null = torch's default")
     address: str | None = Field(default=None, description="ray: 'auto', 'ray://host:10001' or host:port; null = a local instance")
     workers: int | None = Field(default=None, ge=1, description="ray: worker actors; null = one per GPU (or per CPU slot)")
     num_cpus: int | None = Field(default=None, ge=1, description="ray: CPUs of a local instance (null = all)")
@@ -142,6 +144,7 @@ class CallableFitnessConfig(_Strict):
     def _reference(cls, value: str) -> str:
         if not _PYTHON_REF.match(value):
             raise ValueError(f"expected 'module:function' or 'file.py:function', got {value!r}")
+        path_text(value.rsplit(":", 1)[0])
         return value
 
 
@@ -152,13 +155,13 @@ class ExperimentFile(_Strict):
     """The YAML form of an experiment (before paths are resolved)."""
 
     name: str
-    seed: int = 0
+    seed: Seed = 0
     zoo: ZooConfig | None = None
     models: dict[str, Reference] = Field(
         description="name -> folder, zoo:<model>, org/name[@revision], model+adapter or {model: ..., lora: ...}"
     )
     base: str | None = None
-    search_space: str | dict[str, Any]
+    search_space: PathText | dict[str, Any]
     strategy: StrategyConfig
     objectives: list[str] = Field(default_factory=lambda: [AGGREGATE], min_length=1)
     fitness: dict[str, Any]
@@ -168,7 +171,7 @@ class ExperimentFile(_Strict):
     budget: BudgetConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     checkpoint_every: int = Field(default=10, ge=1)
-    run_dir: str | None = None
+    run_dir: PathText | None = None
 
     @field_validator("name")
     @classmethod
@@ -221,7 +224,7 @@ class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    seed: int
+    seed: Seed
     models: dict[str, str] = Field(description="name -> pinned reference (absolute folder, org/name@<commit>, model+adapter)")
     origins: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> what the reference was written as and resolved to (hub ids, commits)"
@@ -276,6 +279,8 @@ def load_experiment(
     spec, here, source = _read(path)
     strategy = spec.strategy if seed is None else spec.strategy.model_copy(update={"seed": None})
     budget_config = spec.budget if budget is None else _budget(spec.budget, budget, source)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{source}: --seed: expected an integer from 0 to {MAX_SEED}, got {seed}")
     fitness, objectives, heldout, search_space = _resolved_parts(spec, here, source)
     sources = _resolve_models(spec, here, source)
     return Experiment(

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from evomerge.validation import validate
+from evomerge.validation import PathText, validate
 
 Split = Literal["validation", "test"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -102,7 +102,7 @@ class FitnessSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tasks: list[TaskSpec] = Field(min_length=1)
-    include_path: list[str] = Field(
+    include_path: list[PathText] = Field(
         default_factory=list, description="folder(s) of task YAML, searched before lm-eval's own tasks"
     )
     split: Split = "validation"

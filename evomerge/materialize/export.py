@@ -25,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from evomerge.devices import usable_device
 from evomerge.errors import ConfigError
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
 from evomerge.materialize.blocks import blockwise, merge_blocks
@@ -64,6 +65,7 @@ def export_merge(
     folder with anything else in it is refused, untouched.
     """
     out_dir = Path(out_dir)
+    usable_device(device, "--device")
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: output folder already exists (pass --overwrite to replace it)")
     if out_dir.exists():

@@ -36,6 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.pool import hub
+from evomerge.validation import path_text
 
 ZOO_PREFIX = "zoo:"
 ADAPTER_SEPARATOR = "+"
@@ -65,7 +66,7 @@ class SourceSpec(BaseModel):
 def reference_text(value: Any) -> Any:
     """A reference as a string: a ``{model, lora}`` mapping becomes ``model+lora`` (pydantic ``before`` hook)."""
     if isinstance(value, str):
-        return value
+        return path_text(value)
     if not isinstance(value, Mapping):
         raise ValueError(
             f"expected a model reference (folder, zoo:<model>, org/name[@revision], model+adapter) "
@@ -81,7 +82,11 @@ def reference_text(value: Any) -> Any:
         item = value.get(key)
         if (key == "model" or item is not None) and (not isinstance(item, str) or not item.strip()):
             raise ValueError(f"{key}: expected {what}, got {item!r}")
-    return SourceSpec.model_validate(value).text
+    spec = SourceSpec.model_validate(value)
+    path_text(spec.model)
+    if spec.lora is not None:
+        path_text(spec.lora)
+    return spec.text
 
 
 Reference = Annotated[str, BeforeValidator(reference_text)]

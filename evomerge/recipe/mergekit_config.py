@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.pool.sources import Reference, resolve_source, short_name
 from evomerge.recipe.schema import ParamSetting, Recipe
-from evomerge.validation import validate
+from evomerge.validation import PathText, validate
 
 SUPPORTED_METHODS = (
     "linear",
@@ -55,7 +55,7 @@ class _SliceSource(BaseModel):
 class _Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[_SliceSource]
-    base_model: str | None = None
+    base_model: PathText | None = None
     parameters: dict[str, ParamSetting] | None = None
 
 
@@ -71,7 +71,7 @@ class MergekitConfig(BaseModel):
     parameters: dict[str, ParamSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: PathText | None = None
     name: str | None = Field(default=None, description="ignored label")
 
 
@@ -167,9 +167,12 @@ def _num_layers(ref: str) -> int | None:
         return None
     if not path.is_file():
         return None
-    config = json.loads(path.read_text())
-    value = config.get("num_hidden_layers", config.get("n_layer"))
-    return int(value) if value is not None else None
+    try:
+        config = json.loads(path.read_bytes())
+        value = config.get("num_hidden_layers", config.get("n_layer"))
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        raise ModelError(f"{path}: not a model config (expected a JSON object with num_hidden_layers)") from None
 
 
 def _strip(params: dict[str, ParamSetting]) -> dict[str, ParamSetting]:

@@ -89,9 +89,11 @@ class Worker:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from evomerge.devices import usable_device
         from evomerge.materialize import ResidentMerger
         from evomerge.pool import ModelPool
 
+        usable_device(spec.device, f"{spec.source}: executor.device")
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         hf_logging.disable_progress_bar()  # a worker loads its model once; the bar is noise in a run's output

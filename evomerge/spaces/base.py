@@ -132,6 +132,8 @@ def build_space(spec: Mapping[str, Any], pool: PoolInfo, source: str = "search_s
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{source}: expected a mapping")
     kind = spec.get("kind", "parameter")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{source}: kind: expected a search space name ({', '.join(sorted(SPACES))}), got {kind!r}")
     if kind not in SPACES:
         hint = difflib.get_close_matches(str(kind), list(SPACES), n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""

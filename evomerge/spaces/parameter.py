@@ -52,12 +52,14 @@ class GeneSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    low: float = 0.0
-    high: float = 1.0
+    low: float = Field(default=0.0, allow_inf_nan=False)
+    high: float = Field(default=1.0, allow_inf_nan=False)
     transform: Literal["none", "abs", "simplex"] = Field(
         default="none", description="simplex: normalise across source models to sum 1"
     )
-    init: float | None = Field(default=None, description="starting value; default the middle of [low, high]")
+    init: float | None = Field(
+        default=None, allow_inf_nan=False, description="starting value; default the middle of [low, high]"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> GeneSpec:
@@ -88,7 +90,7 @@ class ParameterSpaceSpec(BaseModel):
     layer_granularity: int = Field(default=1, ge=0, description="blocks per group; 0 = one group for all blocks")
     filters: list[Union[str, FilterSpec]] = Field(default_factory=lambda: ["all"])
     smooth: bool = False
-    anchors: int = Field(default=3, ge=2, description="smooth mode: anchor values per gene")
+    anchors: int = Field(default=3, ge=2, le=1024, description="smooth mode: anchor values per gene")
     model_genes: dict[str, GeneSpec] = Field(default_factory=dict)
     shared_genes: dict[str, GeneSpec] = Field(default_factory=dict)
     fixed: dict[str, Scalar] = Field(default_factory=dict)

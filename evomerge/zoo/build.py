@@ -41,15 +41,8 @@ from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
 from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
 from evomerge.zoo.model_card import model_card
 from evomerge.zoo.quick_eval import accuracy
-from evomerge.zoo.spec import (
-    BaseSpec,
-    ExpertSpec,
-    ZooSpec,
-    load_spec,
-    parse_spec,
-    spec_hash,
-)
-from evomerge.zoo.tasks import task
+from evomerge.zoo.spec import BaseSpec, ExpertSpec, ZooSpec, load_spec, parse_spec, spec_hash
+from evomerge.zoo.tasks import Example, task
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import TrainConfig, TrainStats, train
 
@@ -63,13 +56,14 @@ def build_zoo(spec_path: str | Path | ZooSpec | dict, out_dir: str | Path, *, fo
     if cached is not None and not force:
         return cached
     check_buildable(out)
+    eval_sets = _eval_sets(spec)  # before the folder is touched: a spec asking for more examples than exist is refused
     out.mkdir(parents=True, exist_ok=True)
     (out / BUILD_MARKER).write_text(key + "\n")
     (out / INDEX_FILE).unlink(missing_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
     try:
-        index = _build(spec, key, out)
+        index = _build(spec, key, out, eval_sets)
     finally:
         torch.set_num_threads(threads_before)
     (out / BUILD_MARKER).unlink()
@@ -109,18 +103,22 @@ def _expert_sampler(spec: ZooSpec, expert: ExpertSpec) -> Callable[[random.Rando
     return sample
 
 
-def _build(spec: ZooSpec, key: str, out: Path) -> ZooIndex:
+def _eval_sets(spec: ZooSpec) -> dict[tuple[str, str], list[Example]]:
+    """Every task's validation and test examples (deterministic in the spec)."""
+    return {
+        (name, split): task(name).eval_set(split, n, spec.max_operand, spec.eval.seed)
+        for name in spec.eval.tasks
+        for split, n in (("validation", spec.eval.n_validation), ("test", spec.eval.n_test))
+    }
+
+
+def _build(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, str], list[Example]]) -> ZooIndex:
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     config = llama_config(
         layers=spec.model.layers, hidden=spec.model.hidden, heads=spec.model.heads, ffn=spec.model.ffn,
         max_positions=spec.model.max_positions, tokenizer_vocab=len(tokenizer),
     )
-    eval_sets = {
-        (name, split): task(name).eval_set(split, n, spec.max_operand, spec.eval.seed)
-        for name in spec.eval.tasks
-        for split, n in (("validation", spec.eval.n_validation), ("test", spec.eval.n_test))
-    }
     models: list[tuple[str, str, str, LlamaForCausalLM, TrainStats]] = []
     with _progress() as progress:
         base = build_base_model(
