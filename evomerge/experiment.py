@@ -105,6 +105,10 @@ class ExecutorConfig(_Strict):
     worker_cpus: float = Field(default=1.0, gt=0, description="ray: CPUs each worker actor reserves")
     worker_gpus: float | None = Field(default=None, ge=0, description="ray: GPUs per worker; null = 1 for a cuda device, else 0")
     max_retries: int = Field(default=2, ge=0, description="ray: re-runs of a candidate whose worker died")
+    reproducible: bool = Field(
+        default=False,
+        description="results told in ticket order, proposals only once determined: any number of workers gives the local run",
+    )
 
     @model_validator(mode="after")
     def _ray_fields_need_ray(self) -> ExecutorConfig:
