@@ -115,8 +115,9 @@ class Driver:
         pending = store.pending_candidates()
         outstanding = [p.ticket for p in self.strategy.outstanding]
         if sorted([c.ticket for c in pending] + held) != outstanding:
+            also = f" and results held for an earlier ticket {held}" if held else ""
             raise StoreError(
-                f"{store.path}: the store's pending candidates {[c.ticket for c in pending]} differ from the "
+                f"{store.path}: the store's pending candidates {[c.ticket for c in pending]}{also} differ from the "
                 f"strategy's outstanding proposals {outstanding}; the run cannot be resumed exactly"
             )
         self._requeue.extend(pending)
