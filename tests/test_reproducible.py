@@ -22,6 +22,7 @@ from evomerge.run import session as session_module
 from evomerge.run.ordering import TicketOrder
 from evomerge.search import Evaluation, Proposal, Strategy, build_strategy
 from evomerge.search.layout import GenomeLayout, Reference
+from evomerge.store import RunStore
 
 N_EXAMPLES = 6
 
@@ -278,3 +279,28 @@ def test_slots_finishing_out_of_order_and_a_killed_driver_give_the_local_run(nam
     resume_run(run, progress=False)
     assert contents(run) == references[name]
     assert any(held) or name == "optuna-tpe", "no kill left a result waiting for an earlier ticket"
+
+
+def test_a_recipe_proposed_while_its_twin_is_evaluated_waits_for_the_cached_result(runs_folder, references, monkeypatch):
+    """CMA-ES with a wide step on a 2-gene space clips many samples to the same corner of the box:
+    identical recipes. A one-worker run serves a repeat from the cache; with three slots the repeat
+    may be asked while its twin is still out, and then waits for that result instead of being
+    evaluated a second time (which would record it as evaluated, not cached)."""
+    import yaml
+
+    data = yaml.safe_load((runs_folder / "cmaes.yaml").read_text())
+    data["name"] = "corners"
+    data["search_space"] = {"kind": "parameter", "method": "task_arithmetic", "layer_granularity": 0,
+                            "fixed_model": {"weight": 1.0}, "shared_genes": {"lambda": {"low": 0.0, "high": 2.0}}}
+    data["strategy"]["settings"] = {"sigma0": 1.0, "popsize": 6, "x0": [0.0, 0.0]}
+    (runs_folder / "corners.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    start_run(runs_folder / "corners.yaml", run_dir=runs_folder / "local" / "corners", progress=False)
+    monkeypatch.setattr(session_module, "build_executor", driver_kill.out_of_order(3))
+    start_run(runs_folder / "corners.yaml", run_dir=runs_folder / "slots" / "corners", progress=False)
+    local = contents(runs_folder / "local" / "corners")
+    assert contents(runs_folder / "slots" / "corners") == local
+    with RunStore.open_reader(runs_folder / "slots" / "corners") as store:
+        asked = {c.ticket: c.seq for c in store.candidates()}
+        recorded = {r.ticket: r.seq for r in store.results()}
+        cached = [(r.ticket, r.cached_from) for r in store.results() if r.cached_from is not None]
+    assert any(asked[ticket] < recorded[twin] for ticket, twin in cached), "no repeat was asked while its twin was out"

@@ -73,7 +73,7 @@ class Driver:
         self._blueprints: dict[int, Blueprint] = {}
         self._order: TicketOrder | None = TicketOrder() if self.experiment.executor.reproducible else None
         self._evaluating: dict[int, str] = {}
-        self._waiting: dict[str, list[int]] = {}
+        self._duplicates: dict[str, list[int]] = {}
         results = store.results()
         self._n_candidates = store.count()
         self._n_results = len(results)
@@ -185,7 +185,7 @@ class Driver:
                 continue
             if self._order is not None and digest is not None:
                 if digest in self._evaluating.values():  # the same recipe is out: wait for its result
-                    self._waiting.setdefault(digest, []).append(ticket)
+                    self._duplicates.setdefault(digest, []).append(ticket)
                     continue
                 self._evaluating[ticket] = digest
             worker = self.executor.submit(Job(ticket, recipe))
@@ -246,9 +246,10 @@ class Driver:
             self._failed += 1
         self._recorded(evaluation)
         digest = self._evaluating.pop(ticket, None)
-        for waiting in self._waiting.pop(digest, []) if digest is not None else []:
-            if not self._reuse(waiting, digest):  # a failure is not cached: evaluate it after all
-                self._requeue.append(self._candidate(waiting))
+        if digest is not None:
+            for duplicate in self._duplicates.pop(digest, []):
+                if not self._reuse(duplicate, digest):  # a failure is not cached: evaluate it after all
+                    self._requeue.append(self._candidate(duplicate))
         self._write_workers()
 
     def _candidate(self, ticket: int) -> CandidateRecord:
