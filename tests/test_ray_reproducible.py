@@ -1,6 +1,6 @@
 """Reproducible mode on Ray: for every strategy, two workers whose evaluations take 1x-4x a unit (so
-results arrive out of ticket order), worker processes SIGKILLed mid-run and the driver SIGKILLed and
-resumed end with exactly the local run's candidates, results and summary."""
+results arrive out of ticket order), the driver SIGKILLed and resumed and a worker process SIGKILLed
+mid-run end with exactly the local run's candidates, results and summary."""
 
 from __future__ import annotations
 
@@ -67,10 +67,9 @@ def restarts(run: Path) -> int:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_killed_workers_and_a_killed_driver_on_ray_give_the_local_run(name, ray_address, paced, references):
-    """``evomerge run`` in a child process joined to the Ray instance loses a worker at its 3rd
-    evaluation and is SIGKILLed after its 6th recorded result; resumed here on two workers, it loses
-    another worker at its 4th evaluation, and ends with the local run."""
-    kill_worker_on_call(paced, 3)
+    """``evomerge run`` in a child process joined to the Ray instance is SIGKILLed after its 6th
+    recorded result; resumed here on two workers, it loses a worker at its 4th evaluation (the
+    worker is replaced and the candidate re-run), and ends with the local run."""
     run = paced / "ray" / name
     argv = ["run", str(experiment_file(paced, name, kind="ray", workers=2)), "--run-dir", str(run),
             "--ray-address", ray_address, "--quiet"]
@@ -78,7 +77,7 @@ def test_killed_workers_and_a_killed_driver_on_ray_give_the_local_run(name, ray_
     child = subprocess.run([sys.executable, str(REPO / "tests" / "driver_kill.py"), "recorded", "6", "1", "--", *argv],
                            env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, f"exit {child.returncode}: {child.stderr[-2000:]}"
-    assert len(arrival(run)) == 6 and len((paced / "calls.txt").read_text()) >= 7  # one call more: the lost one
+    assert len(arrival(run)) == 6
 
     kill_worker_on_call(paced, 4)
     resume_run(run, progress=False, ray_address=ray_address)

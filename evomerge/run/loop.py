@@ -14,11 +14,11 @@ recorded at the start) and that the fitness measures the same.
 
 Reproducible mode (``executor: {reproducible: true}``): with several workers, the default mode
 tells results as they arrive and asks ahead, so what is proposed depends on timing. In this mode
-the driver instead (a) tells results in ticket order — each result is stored when it arrives and
-held (``evomerge.run.ordering.TicketOrder``) until every earlier ticket has been told — and (b)
-asks only while ``Strategy.determined()`` says the next proposal cannot depend on the results
-still out, and (c) makes a candidate whose recipe is being evaluated wait for that result (the
-cache then serves it, as it would in a one-worker run). So any number of workers, killed workers
+the driver instead (a) tells results in ticket order: each result is stored when it arrives and
+held (``evomerge.run.ordering.TicketOrder``) until every earlier ticket has been told; (b) asks
+only while ``Strategy.determined()`` says the next proposal cannot depend on the results still
+out; (c) makes a candidate whose recipe is being evaluated wait for that result (the cache then
+serves it, as it would in a one-worker run). So any number of workers, killed workers
 included, gives the candidates and results of the local executor. ``resume`` replays the store's
 events through the same ticket order (results recorded before the checkpoint and never told
 included), which re-derives exactly when each result was told.
