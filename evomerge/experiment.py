@@ -107,6 +107,10 @@ class ExecutorConfig(_Strict):
     worker_cpus: float = Field(default=1.0, gt=0, description="ray: CPUs each worker actor reserves")
     worker_gpus: float | None = Field(default=None, ge=0, description="ray: GPUs per worker; null = 1 for a cuda device, else 0")
     max_retries: int = Field(default=2, ge=0, description="ray: re-runs of a candidate whose worker died")
+    reproducible: bool = Field(
+        default=False,
+        description="results told in ticket order, proposals only once determined: any number of workers gives the local run",
+    )
 
     @model_validator(mode="after")
     def _ray_fields_need_ray(self) -> ExecutorConfig:
@@ -328,6 +332,11 @@ def _resolved_parts(
 ) -> tuple[FitnessConfig, list[str], FitnessConfig | None, dict[str, Any]]:
     """Fitness, objectives, held-out fitness and the inlined search space, checked."""
     fitness = _parse_fitness(_resolve_fitness_paths(spec.fitness, here), source, "fitness")
+    if spec.executor.reproducible and getattr(fitness, "racing", None) is not None:
+        raise ConfigError(
+            f"{source}: fitness.racing: not available with executor.reproducible: true (the bar a candidate "
+            "races against depends on which results have arrived); drop one of them"
+        )
     objectives = _checked_objectives(spec.objectives, fitness, source)
     heldout = _heldout(spec.heldout, spec.fitness, here, source)
     return fitness, objectives, heldout, _inline_space(spec.search_space, here, source)

@@ -87,16 +87,20 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "executor": experiment.get("executor", {}).get("kind", "local"),
         "workers": read_workers(folder),
         "summary": summary,
-        **(_strategy_state(experiment["strategy"], results, parents) or {}),
+        **(_strategy_state(experiment, results, parents) or {}),
     }
 
 
-def _strategy_state(strategy: dict[str, Any], results: list[Any], parents: dict[int, tuple[int, ...]]) -> dict[str, Any] | None:
-    """What the run's strategy adds to the status (natural niches: its archive), from the records."""
+def _strategy_state(experiment: dict[str, Any], results: list[Any], parents: dict[int, tuple[int, ...]]) -> dict[str, Any] | None:
+    """What the run's strategy adds to the status (natural niches: its archive), from the records
+    in the order the strategy was told them (a reproducible run: ticket order)."""
     from evomerge.search import get_strategy
 
+    strategy = experiment["strategy"]
     cls = get_strategy(strategy["name"])
     settings = cls.Settings.model_validate(strategy.get("settings") or {})
+    if experiment.get("executor", {}).get("reproducible"):
+        results = sorted(results, key=lambda r: r.ticket)
     return cls.summarize(settings, [r.evaluation for r in results], parents)
 
 

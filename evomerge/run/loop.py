@@ -12,6 +12,17 @@ one. A checkpoint holds the strategy state and the driver's active time (for a m
 ``resume`` first checks that the source models are those the run started with (fingerprints
 recorded at the start) and that the fitness measures the same.
 
+Reproducible mode (``executor: {reproducible: true}``): with several workers, the default mode
+tells results as they arrive and asks ahead, so what is proposed depends on timing. In this mode
+the driver instead (a) tells results in ticket order: each result is stored when it arrives and
+held (``evomerge.run.ordering.TicketOrder``) until every earlier ticket has been told; (b) asks
+only while ``Strategy.determined()`` says the next proposal cannot depend on the results still
+out; (c) makes a candidate whose recipe is being evaluated wait for that result (the cache then
+serves it, as it would in a one-worker run). So any number of workers, killed workers
+included, gives the candidates and results of the local executor. ``resume`` replays the store's
+events through the same ticket order (results recorded before the checkpoint and never told
+included), which re-derives exactly when each result was told.
+
 At the end (budget spent, nothing in flight) the best candidate is scored on the held-out split
 (recorded in the store as split ``test``) and compared with each source model, the base and the
 uniform average of the sources; the comparison is recorded in the store, which marks the run as
@@ -38,6 +49,7 @@ from evomerge.run.heldout import (
     summary_columns,
     summary_row,
 )
+from evomerge.run.ordering import TicketOrder
 from evomerge.runtime import Job, Outcome
 from evomerge.search import Evaluation, Proposal
 from evomerge.store import CandidateRecord, RunStore, StoreError
@@ -60,9 +72,13 @@ class Driver:
         self.executor = session.executor
         self._requeue: deque[CandidateRecord] = deque()
         self._blueprints: dict[int, Blueprint] = {}
+        self._order: TicketOrder | None = TicketOrder() if self.experiment.executor.reproducible else None
+        self._evaluating: dict[int, str] = {}
+        self._duplicates: dict[str, list[int]] = {}
         results = store.results()
         self._n_candidates = store.count()
         self._n_results = len(results)
+        self._n_told = len(results)
         self._failed = sum(1 for r in results if not r.ok)
         self._cached = sum(1 for r in results if r.cached_from is not None)
         self._session_results = 0
@@ -90,15 +106,25 @@ class Driver:
             self.strategy.load_state_dict(checkpoint.state["strategy"])
             self._elapsed_before = float(checkpoint.state["driver"]["elapsed"])
             since, anchor = checkpoint.seq, checkpoint.created
-        self.strategy.replay(store.events_since(since))
+        events = store.events_since(since)
+        held: list[int] = []
+        if self._order is not None:
+            outstanding = {p.ticket for p in self.strategy.outstanding}
+            untold = [r.evaluation for r in store.results() if r.seq <= since and r.ticket in outstanding]
+            self._order = TicketOrder(outstanding, untold)
+            events = self._order.replay(events)
+            held = self._order.held
+            self._n_told -= len(held)
+        self.strategy.replay(events)
         tail = store.results_since(since)
         if tail:
             self._elapsed_before += max(0.0, tail[-1].finished - anchor)
         pending = store.pending_candidates()
         outstanding = [p.ticket for p in self.strategy.outstanding]
-        if [c.ticket for c in pending] != outstanding:
+        if sorted([c.ticket for c in pending] + held) != outstanding:
+            also = f" and results held for an earlier ticket {held}" if held else ""
             raise StoreError(
-                f"{store.path}: the store's pending candidates {[c.ticket for c in pending]} differ from the "
+                f"{store.path}: the store's pending candidates {[c.ticket for c in pending]}{also} differ from the "
                 f"strategy's outstanding proposals {outstanding}; the run cannot be resumed exactly"
             )
         self._requeue.extend(pending)
@@ -150,7 +176,7 @@ class Driver:
             if self._requeue:
                 record = self._requeue.popleft()
                 ticket, recipe, digest = record.ticket, self._stored_recipe(record), record.recipe_hash
-            elif self._may_ask() and (self.strategy.can_ask() or self.executor.in_flight == 0):
+            elif self._may_ask() and self._ready():
                 proposal = self.strategy.ask()
                 recipe = self._decode(proposal)
                 recipe_json = recipe.model_dump_json()
@@ -158,13 +184,27 @@ class Driver:
                 self.store.add_candidate(proposal, recipe=recipe_json, recipe_hash=digest)
                 self._n_candidates += 1
                 ticket = proposal.ticket
+                if self._order is not None:
+                    self._order.asked(ticket)
             else:
                 return
             if digest is not None and self._reuse(ticket, digest):
                 continue
+            if self._order is not None and digest is not None:
+                if digest in self._evaluating.values():  # the same recipe is out: wait for its result
+                    self._duplicates.setdefault(digest, []).append(ticket)
+                    continue
+                self._evaluating[ticket] = digest
             bar = None if self._incumbents is None else self._incumbents.bar()
             worker = self.executor.submit(Job(ticket, recipe, bar=bar))
             self.store.mark_running(ticket, worker)
+
+    def _ready(self) -> bool:
+        """Whether to ask now: the strategy can (and, in reproducible mode, its next proposal cannot
+        depend on results still out); with nothing in flight, always (nothing is outstanding then)."""
+        if self.executor.in_flight == 0:
+            return True
+        return self.strategy.can_ask() and (self._order is None or self.strategy.determined())
 
     def _decode(self, proposal: Proposal) -> Blueprint:
         """The proposal's blueprint; parents' blueprints come from the store (evicted members included)."""
@@ -194,7 +234,7 @@ class Driver:
         )
         self.store.add_result(evaluation, fitness_hash=self.session.fitness_hash, cached_from=hit.ticket)
         self._cached += 1
-        self._told(evaluation, complete=True)
+        self._recorded(evaluation, complete=True)
         return True
 
     # -- completing ------------------------------------------------------------------------------
@@ -216,8 +256,19 @@ class Driver:
         )
         if evaluation.failed:
             self._failed += 1
-        self._told(evaluation, complete=estimate is None)
+        self._recorded(evaluation, complete=estimate is None)
+        digest = self._evaluating.pop(ticket, None)
+        if digest is not None:
+            for duplicate in self._duplicates.pop(digest, []):
+                if not self._reuse(duplicate, digest):  # a failure is not cached: evaluate it after all
+                    self._requeue.append(self._candidate(duplicate))
         self._write_workers()
+
+    def _candidate(self, ticket: int) -> CandidateRecord:
+        record = self.store.candidate(ticket)
+        if record is None:
+            raise StoreError(f"{self.store.path}: candidate {ticket} is not stored")
+        return record
 
     def _write_workers(self, *, force: bool = False) -> None:
         """Per-worker state for ``status`` (a small file replaced atomically; the store stays append-only),
@@ -230,21 +281,29 @@ class Driver:
             write_json(Path(self.store.path).parent / WORKERS_FILE, {"updated": time.time(), "workers": states})
             self._workers_written = now
 
-    def _told(self, evaluation: Evaluation, *, complete: bool) -> None:
-        """Tell the strategy a result already in the store; checkpoint every ``checkpoint_every`` results."""
-        self.strategy.tell(evaluation)
+    def _recorded(self, evaluation: Evaluation, *, complete: bool) -> None:
+        """A result is in the store: tell it now, or in reproducible mode once it is due. Only a
+        complete result (not a racing estimate) can be the best or an incumbent."""
         self._n_results += 1
         self._session_results += 1
-        self._unsaved += 1
         if not evaluation.failed and complete:
             value = float(evaluation.objectives[0])
-            if self._best[0] is None or value > self._best[0]:
+            best, ticket = self._best
+            if best is None or (value, -evaluation.ticket) > (best, -ticket):
                 self._best = (value, evaluation.ticket)
             if self._incumbents is not None:
                 self._incumbents.add(evaluation.objectives)
-        if self._n_results % self.experiment.checkpoint_every == 0:
-            self._checkpoint()
+        for due in [evaluation] if self._order is None else self._order.arrived(evaluation):
+            self._tell(due)
         self._refresh()
+
+    def _tell(self, evaluation: Evaluation) -> None:
+        """Tell the strategy a result already in the store; checkpoint every ``checkpoint_every`` tells."""
+        self.strategy.tell(evaluation)
+        self._n_told += 1
+        self._unsaved += 1
+        if self._n_told % self.experiment.checkpoint_every == 0:
+            self._checkpoint()
 
     def _checkpoint(self) -> None:
         self.store.save_checkpoint({"strategy": self.strategy.state_dict(), "driver": {"elapsed": self.elapsed}})

@@ -5,6 +5,14 @@ evaluations come back in any order. A strategy therefore keeps the proposals it 
 (``outstanding``) and never assumes generations; algorithms that do (CMA-ES) assemble them
 internally. Resume is exact: ``state_dict``/``load_state_dict`` round-trip everything including the
 RNG, and ``replay`` re-applies the asks and tells a run store recorded after a checkpoint.
+
+Reproducible runs (``executor: {reproducible: true}``): the driver tells results in ticket order
+and asks only while ``determined()`` holds — the next proposal would be the same if every
+outstanding result were told first. Then a run with any number of workers, finishing in any
+order, makes exactly the proposals of a one-worker run (ask 0, tell 0, ask 1, ...). Each strategy
+states its rule: random search always; CMA-ES within its current generation; a strategy whose
+proposals depend on every earlier result only with nothing outstanding, unless its proposals are
+made from older results alone (``_horizon``: natural niches' and Optuna's ``lag`` setting).
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ class Strategy(ABC):
     which references (each source alone, the base, the uniform merge) the space can express; an
     int is a plain box of that many genes. ``can_ask`` lets a strategy whose next proposal depends
     on results still out (a population seeded from its first evaluations) make the driver wait.
+
+    A told result reaches ``_observe`` once its ticket is below ``_horizon()`` (by default at
+    once); until then it waits, in tell order, and the next proposal cannot see it.
     """
 
     name: ClassVar[str] = ""
@@ -71,6 +82,7 @@ class Strategy(ABC):
         self.bounds = _check_bounds(bounds, self.dimension, self.name)
         self._next_ticket = 0
         self._outstanding: dict[int, Proposal] = {}
+        self._unseen: list[tuple[Proposal, Evaluation]] = []
         self._worst = np.full(self.n_objectives, np.inf)
 
     @property
@@ -82,6 +94,16 @@ class Strategy(ABC):
         """Whether ``ask`` can propose now; False only while the next proposal needs results still out."""
         return True
 
+    def determined(self) -> bool:
+        """Whether the next proposal is fixed by the results told so far: telling the outstanding
+        results first (in ticket order) would change neither it nor the state after those tells.
+
+        The driver of a reproducible run asks only then (see the module docstring). The default
+        suits a strategy whose proposals see every result below ``_horizon()``: all of those told.
+        """
+        horizon = self._horizon()
+        return all(ticket >= horizon for ticket in self._outstanding)
+
     def ask(self) -> Proposal:
         """The next proposal; may be called again before earlier proposals are told (see ``can_ask``)."""
         proposal = self._propose(self._next_ticket)
@@ -89,6 +111,7 @@ class Strategy(ABC):
             raise RuntimeError(f"strategy {self.name} returned ticket {proposal.ticket}, expected {self._next_ticket}")
         self._next_ticket += 1
         self._outstanding[proposal.ticket] = proposal
+        self._see()
         return proposal
 
     def tell(self, evaluation: Evaluation) -> None:
@@ -97,13 +120,29 @@ class Strategy(ABC):
         if proposal is None:
             raise ValueError(f"tell: ticket {evaluation.ticket} was never asked or was already told")
         evaluation = evaluation.sanitized()
-        if not evaluation.failed:
-            if evaluation.objectives.shape != (self.n_objectives,):
-                got = evaluation.objectives.size
-                raise ValueError(f"tell: ticket {evaluation.ticket} has {got} objectives, expected {self.n_objectives}")
-            self._worst = np.minimum(self._worst, evaluation.objectives)
+        if not evaluation.failed and evaluation.objectives.shape != (self.n_objectives,):
+            got = evaluation.objectives.size
+            raise ValueError(f"tell: ticket {evaluation.ticket} has {got} objectives, expected {self.n_objectives}")
         del self._outstanding[evaluation.ticket]
-        self._observe(proposal, evaluation)
+        self._unseen.append((proposal, evaluation))
+        self._see()
+
+    def _horizon(self) -> int:
+        """Proposal ``_next_ticket`` is made from the results of the tickets below this (non-decreasing
+        as tickets advance); the default, every earlier ticket, lets each result through when told."""
+        return self._next_ticket
+
+    def _see(self) -> None:
+        """Pass the told results below the horizon to ``_observe``, in the order they were told."""
+        horizon = self._horizon()
+        ready = [item for item in self._unseen if item[0].ticket < horizon]
+        if not ready:
+            return
+        self._unseen = [item for item in self._unseen if item[0].ticket >= horizon]
+        for proposal, evaluation in ready:
+            if not evaluation.failed:
+                self._worst = np.minimum(self._worst, evaluation.objectives)
+            self._observe(proposal, evaluation)
 
     def replay(self, events: Iterable[Proposal | Evaluation]) -> None:
         """Re-apply recorded asks and tells in their original order, verifying every re-asked proposal.
@@ -152,6 +191,7 @@ class Strategy(ABC):
                 "bounds": self.bounds,
                 "next_ticket": self._next_ticket,
                 "outstanding": [_proposal_to_data(p) for p in self._outstanding.values()],
+                "unseen": [[_proposal_to_data(p), _evaluation_to_data(e)] for p, e in self._unseen],
                 "worst": self._worst,
                 "impl": self._state(),
             }
@@ -178,6 +218,7 @@ class Strategy(ABC):
             raise ConfigError("checkpoint: the gene bounds differ from this run's; resume with the original experiment")
         self._next_ticket = int(state["next_ticket"])
         self._outstanding = {p.ticket: p for p in map(_proposal_from_data, state["outstanding"])}
+        self._unseen = [(_proposal_from_data(p), _evaluation_from_data(e)) for p, e in state.get("unseen", [])]
         self._worst = np.asarray(state["worst"], dtype=np.float64)
         self._load(state["impl"])
 
@@ -221,3 +262,15 @@ def _proposal_to_data(proposal: Proposal) -> dict[str, Any]:
 
 def _proposal_from_data(data: Mapping[str, Any]) -> Proposal:
     return Proposal(int(data["ticket"]), data["genome"], tuple(data["parents"]), dict(data["info"]))
+
+
+def _evaluation_to_data(evaluation: Evaluation) -> dict[str, Any]:
+    ids = evaluation.example_ids
+    return {"ticket": evaluation.ticket, "objectives": evaluation.objectives, "failed": evaluation.failed,
+            "per_example": evaluation.per_example, "example_ids": None if ids is None else list(ids)}
+
+
+def _evaluation_from_data(data: Mapping[str, Any]) -> Evaluation:
+    ids = data["example_ids"]
+    return Evaluation(int(data["ticket"]), data["objectives"], bool(data["failed"]), data["per_example"],
+                      None if ids is None else tuple(ids))

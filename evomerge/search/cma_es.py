@@ -7,7 +7,8 @@ executor this is textbook CMA-ES. With an asynchronous one that asks ahead (more
 the generation has left), the extra proposals come from the current distribution and their
 results simply fill the next generation's tell, so no worker ever waits for a generation barrier;
 the price is that a few points of a generation were sampled from the previous distribution, a
-standard approximation in steady-state CMA-ES variants.
+standard approximation in steady-state CMA-ES variants. A reproducible run (``determined``) asks
+only within the current generation, so every generation is exactly the textbook one.
 
 High dimension: a full CMA ``tell`` costs an eigendecomposition of a d×d covariance (seconds at
 1,000 genes), so ``variant: auto`` switches to the separable (diagonal) ``SepCMA`` above
@@ -103,6 +104,13 @@ class CMAES(Strategy):
             seed=int(self._rng.integers(2**31 - 1)),
             population_size=popsize,
         )
+
+    def determined(self) -> bool:
+        """The distribution changes once ``popsize`` results of this restart are told; until the
+        generation's results told and outstanding make ``popsize``, the next sample is the same
+        whichever of them are told first."""
+        counted = sum(1 for p in self._outstanding.values() if p.info["restart"] == self._run)
+        return len(self._buffer) + counted < self.popsize
 
     def _propose(self, ticket: int) -> Proposal:
         unit = self._opt.ask()

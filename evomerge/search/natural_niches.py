@@ -13,7 +13,9 @@ arXiv 2508.16204), and its reference code (SakanaAI/natural_niches: ``update_arc
 
 Steady state: one child at a time enters the archive or is dropped, so results may arrive in any
 order and several children may be in flight. Scores are per-example vectors with ids (all tasks
-concatenated); the archive starts from the space's reference models (the sources).
+concatenated); the archive starts from the space's reference models (the sources). ``lag: k``
+breeds each child from the archive without the last k results before it (the seeds always count),
+so that a reproducible run (which breeds only from results it has) keeps k + 1 workers busy.
 
 Example::
 
@@ -124,6 +126,9 @@ class NaturalNiches(Strategy):
         attraction: bool = Field(True, description="choose parent B by attraction to A (else ∝ fitness)")
         split_point: bool = Field(True, description="crossover with a random split point (else one ratio everywhere)")
         crossover: bool = Field(True, description="make children by crossover (else a copy of parent A)")
+        lag: int = Field(
+            0, ge=0, description="breed child t from the results of candidates before t - lag (seeds always count)"
+        )
         seeds: list[str] = Field(
             default_factory=lambda: ["source"],
             min_length=1,
@@ -192,6 +197,14 @@ class NaturalNiches(Strategy):
     def can_ask(self) -> bool:
         """Seeds first; children once two members exist (a single survivor has no one to mate with)."""
         return self._asked_seeds < len(self._seeds) or len(self._archive.members) >= 2
+
+    def determined(self) -> bool:
+        """Seeds always (they are the references); a child once every result below the horizon is told."""
+        return self._asked_seeds < len(self._seeds) or super().determined()
+
+    def _horizon(self) -> int:
+        """Child t sees the results before t − lag, and every seed's."""
+        return max(self._next_ticket - self.settings.lag, len(self._seeds))
 
     def _propose(self, ticket: int) -> Proposal:
         if self._asked_seeds < len(self._seeds):

@@ -13,6 +13,11 @@ re-derived, never loaded: a checkpoint holds no pickle, so a crafted run directo
 ``resume`` run code through it. The price is that a restore costs what the sampler spent on its
 asks so far (``benchmarks/optuna_restore.py``).
 
+``lag: k`` tells the study a result only once k later trials have been asked, so trial t is
+sampled from the results of trials before t − k (the rest are running trials, as the sampler sees
+in-flight trials anyway): the same in every run, which lets a reproducible run keep k + 1 workers
+busy with any sampler.
+
 Cost: samplers re-read the whole history on every ask and Optuna handles each gene as a separate
 parameter, so the per-candidate overhead grows with genes × trials (benchmarks/driver_overhead.py).
 Optuna suits spaces of tens of genes; CMA-ES (sep) the large ones.
@@ -62,6 +67,7 @@ class OptunaSearch(Strategy):
             default_factory=dict, description="keyword arguments of the Optuna sampler (not seed)"
         )
         failure_value: float | None = Field(None, allow_inf_nan=False, description="objective for a failed candidate")
+        lag: int = Field(0, ge=0, description="trial t is sampled knowing the results of trials before t - lag only")
 
     def __init__(self, layout: GenomeLayout | int, **kwargs: Any) -> None:
         super().__init__(layout, **kwargs)
@@ -96,6 +102,14 @@ class OptunaSearch(Strategy):
     def _new_study(self, sampler: Any) -> Any:
         optuna = _library()
         return optuna.create_study(sampler=sampler, directions=["maximize"] * self.n_objectives)
+
+    def determined(self) -> bool:
+        """The random sampler ignores results; every other one may read all the study's trials, so
+        trial t is fixed once every trial before t − lag is told (those after it are running)."""
+        return self.settings.sampler == "random" or super().determined()
+
+    def _horizon(self) -> int:
+        return self._next_ticket - self.settings.lag
 
     def _propose(self, ticket: int) -> Proposal:
         with warnings.catch_warnings():

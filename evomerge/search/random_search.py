@@ -23,6 +23,10 @@ class RandomSearch(Strategy):
         super().__init__(layout, **kwargs)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
 
+    def determined(self) -> bool:
+        """Always: no proposal depends on a result."""
+        return True
+
     def _propose(self, ticket: int) -> Proposal:
         low, high = self.bounds[:, 0], self.bounds[:, 1]
         return Proposal(ticket, low + (high - low) * self._rng.random(self.dimension))

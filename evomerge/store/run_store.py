@@ -432,14 +432,10 @@ class RunStore:
         return None if row is None else Checkpoint(row[0], row[1], json.loads(row[2]), row[3])
 
     def best(self, objective: int = 0, split: str = "validation") -> ResultRecord | None:
-        """The complete result with the highest value of objective ``objective`` (earliest on ties);
-        a racing estimate never is."""
-        best: ResultRecord | None = None
-        for record in self.results(split):
-            value = record.evaluation.objectives[objective] if record.complete else None
-            if value is not None and (best is None or value > best.evaluation.objectives[objective]):
-                best = record
-        return best
+        """The complete result with the highest value of objective ``objective`` (the lowest ticket on
+        ties, whatever order the results arrived in); a racing estimate never is."""
+        ranked = [(r.evaluation.objectives[objective], -r.ticket, r) for r in self.results(split) if r.ok and r.complete]
+        return max(ranked, key=lambda item: item[:2])[2] if ranked else None
 
     def count(self, status: str | None = None) -> int:
         """How many candidates there are (with ``status``: pending, running, ok or failed)."""
