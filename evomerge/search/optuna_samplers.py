@@ -145,7 +145,7 @@ class OptunaSearch(Strategy):
         return self.worst_seen()
 
     def _state(self) -> dict[str, Any]:
-        trials = self._study.get_trials(deepcopy=False)
+        trials = [t for t in self._study.get_trials(deepcopy=False) if t.number < self._next_ticket]  # not enqueued ones
         params = np.array([[t.params[name] for name in self._names] for t in trials], dtype=np.float64)
         values = np.full((len(trials), self.n_objectives), np.nan)
         for i, t in enumerate(trials):
