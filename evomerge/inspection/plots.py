@@ -34,6 +34,15 @@ def _pair_axes(n_objectives: int) -> tuple[Figure, list, list[tuple[int, int]]]:
     return fig, list(axes.flat)[: len(pairs)], pairs
 
 
+def _draw_front(ax, front: np.ndarray, i: int, j: int, label: str) -> None:
+    """A two-objective front as a line; with more objectives a pair's projection is no curve: points."""
+    if front.shape[1] == 2:
+        front = front[np.argsort(front[:, i])]
+        ax.plot(front[:, i], front[:, j], "-o", color=FRONT_COLOR, markersize=5, label=label)
+    else:
+        ax.scatter(front[:, i], front[:, j], s=28, color=FRONT_COLOR, label=label, zorder=3)
+
+
 def _draw_references(ax, values: np.ndarray, references: dict[str, int], i: int, j: int) -> None:
     """Each reference model (a source alone, the base, the uniform merge) as a labelled star."""
     for k, (label, row) in enumerate(references.items()):
@@ -64,8 +73,7 @@ def front_figure(
     for ax, (i, j) in zip(axes, pairs):
         on = ranks == 0
         ax.scatter(values[~on, i], values[~on, j], s=12, color=ALL_COLOR, label="dominated")
-        front = values[on][np.argsort(values[on, i])]
-        ax.plot(front[:, i], front[:, j], "-o", color=FRONT_COLOR, markersize=5, label="Pareto front (rank 0)")
+        _draw_front(ax, values[on], i, j, "Pareto front (rank 0)")
         _draw_references(ax, values, references, i, j)
         if chosen is not None:
             ax.scatter([values[chosen, i]], [values[chosen, j]], s=140, facecolors="none", edgecolors="black", label="chosen")
@@ -92,8 +100,7 @@ def surrogate_figure(
     fig, axes, pairs = _pair_axes(values.shape[1])
     for ax, (i, j) in zip(axes, pairs):
         ax.scatter(values[:, i], values[:, j], s=12, color=ALL_COLOR, label="evaluated")
-        front = values[ranks == 0][np.argsort(values[ranks == 0, i])]
-        ax.plot(front[:, i], front[:, j], "-o", color=FRONT_COLOR, markersize=5, label="real front")
+        _draw_front(ax, values[ranks == 0], i, j, "real front")
         if len(predicted_front):
             line = predicted_front[np.argsort(predicted_front[:, i])]
             if values.shape[1] == 2:

@@ -68,7 +68,7 @@ from evomerge.search.base import ReferenceKind, Strategy, StrategySettings
 from evomerge.search.layout import GenomeLayout
 from evomerge.search.nsga import dominance_ranks, nsga3
 from evomerge.search.registry import register_strategy
-from evomerge.search.surrogate import Quadratic, fit_quadratic, link_for, n_coefficients, r_squared
+from evomerge.search.surrogate import Kind, Quadratic, fit_quadratic, link_for, n_coefficients, r_squared
 from evomerge.search.types import Evaluation, Proposal
 
 MAX_ACQUISITION_GENES = 6
@@ -148,6 +148,31 @@ def thin(values: np.ndarray, limit: int) -> np.ndarray:
     if len(values) <= limit:
         return values
     return values[np.unique(np.linspace(0, len(values) - 1, limit).round().astype(int))]
+
+
+def fit_surrogates(x: np.ndarray, y: np.ndarray, *, kind: Kind = "full", link: str = "auto") -> list[Quadratic]:
+    """One quadratic per column of ``y`` (n × m) on the points ``x`` (n × d), by least squares.
+
+    ``link``: ``auto`` (a sigmoid for a column within [0, 1] or [−1, 0], else none), ``sigmoid``
+    (such a column is required) or ``identity``.
+    """
+    models = []
+    for k in range(y.shape[1]):
+        chosen, low, high = link_for(y[:, k])
+        if link == "identity":
+            chosen = "identity"
+        elif link == "sigmoid" and chosen != "sigmoid":
+            raise ConfigError(
+                f"strategy.settings.link: objective {k} has values outside [0, 1] and [-1, 0] "
+                f"({y[:, k].min():.4g} to {y[:, k].max():.4g}); use link: auto or identity"
+            )
+        models.append(fit_quadratic(x, y[:, k], kind=kind, link=chosen, low=low, high=high))
+    return models
+
+
+def predict(models: list[Quadratic], x: np.ndarray) -> np.ndarray:
+    """Every surrogate's prediction at the points ``x`` (n × d → n × m)."""
+    return np.column_stack([m.predict(x) for m in models])
 
 
 @register_strategy("map")
@@ -273,13 +298,13 @@ class MapSearch(Strategy):
         s = self.settings
         models = self._fit(x, y)
 
-        def predict(points: np.ndarray) -> np.ndarray:
-            return np.column_stack([m.predict(points) for m in models])
+        def surrogate(points: np.ndarray) -> np.ndarray:
+            return predict(models, points)
 
-        fitted = predict(x)
+        fitted = surrogate(x)
         seeds = x[np.argsort(dominance_ranks(y), kind="stable")][: s.population // 2]  # the real front seeds NSGA-III
         front_x, front_y = nsga3(
-            predict, self.dimension, self.n_objectives, rng, population=s.population, generations=s.generations, initial=seeds
+            surrogate, self.dimension, self.n_objectives, rng, population=s.population, generations=s.generations, initial=seeds
         )
         acquire = 1 < self.dimension <= MAX_ACQUISITION_GENES
         n_acquire = int(round(s.acquisition * s.batch_size)) if acquire else 0
@@ -298,7 +323,7 @@ class MapSearch(Strategy):
             "front": [[round(float(v), DIGITS) for v in row] for row in stored],
             "fit_r2": [_json_float(r_squared(y[:, k], fitted[:, k])) for k in range(self.n_objectives)],
         }
-        predicted = predict(np.array(points))
+        predicted = surrogate(np.array(points))
         return [
             (np.asarray(p, dtype=np.float64), {**common, "role": role, "predicted": [round(float(v), DIGITS) for v in pred]})
             for p, role, pred in zip(points, roles, predicted)
@@ -353,19 +378,7 @@ class MapSearch(Strategy):
         return x, y
 
     def _fit(self, x: np.ndarray, y: np.ndarray) -> list[Quadratic]:
-        s = self.settings
-        models = []
-        for k in range(self.n_objectives):
-            link, low, high = link_for(y[:, k])
-            if s.link == "identity":
-                link = "identity"
-            elif s.link == "sigmoid" and link != "sigmoid":
-                raise ConfigError(
-                    f"strategy.settings.link: objective {k} has values outside [0, 1] and [-1, 0] "
-                    f"({y[:, k].min():.4g} to {y[:, k].max():.4g}); use link: auto or identity"
-                )
-            models.append(fit_quadratic(x, y[:, k], kind=s.quadratic, link=link, low=low, high=high))
-        return models
+        return fit_surrogates(x, y, kind=self.settings.quadratic, link=self.settings.link)
 
     # -- state -----------------------------------------------------------------------------------
 
