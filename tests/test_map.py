@@ -359,6 +359,23 @@ def test_map_refits_after_failures_with_more_design_points():
     assert extra.info == {"batch": 1, "role": "design"} and strategy.surrogates() is None
 
 
+def test_map_proposes_inside_other_bounds():
+    """Surrogates live in the unit box; proposals are mapped to the strategy's bounds and back."""
+    bounds = np.array([[0.0, 2.0], [-1.0, 1.0]])
+    refs = [Reference("a", "source", np.array([1.0, 0.0])), Reference("b", "source", np.array([0.0, 1.0]))]
+    strategy = build_strategy("map", GenomeLayout.box(2, None, refs), n_objectives=2, bounds=bounds, settings=MAP_SETTINGS)
+    asked = []
+    for _ in range(20):
+        p = strategy.ask()
+        asked.append(p)
+        unit = (p.genome - bounds[:, 0]) / (bounds[:, 1] - bounds[:, 0])
+        strategy.tell(Evaluation(p.ticket, _scores(unit)))
+    genomes = np.array([p.genome for p in asked])
+    assert np.all((genomes >= bounds[:, 0]) & (genomes <= bounds[:, 1]))
+    assert genomes[:, 1].min() < -0.5 and genomes[:, 0].max() > 1.5  # the whole box, not only [0, 1]
+    assert [p.info.get("reference") for p in asked[:2]] == ["a", "b"] and asked[0].genome.tolist() == [1.0, 0.0]
+
+
 def test_map_on_more_genes_than_bins_uses_front_points_only():
     strategy = _map(d=7, design_points=40, batch_size=3)
     log = _drive(strategy, 43)

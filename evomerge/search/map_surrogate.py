@@ -278,7 +278,8 @@ class MapSearch(Strategy):
             return self._design(rng)
         x, y = self._data()
         if len(x) < self.coefficients:  # failures left too few points to fit: more design points
-            return [(p, {"batch": batch, "role": "design"}) for p in latin_hypercube(self.settings.batch_size, self.dimension, rng)]
+            points = latin_hypercube(self.settings.batch_size, self.dimension, rng)
+            return [(self._box(p), {"batch": batch, "role": "design"}) for p in points]
         return self._surrogate_batch(batch, x, y, rng)
 
     def _design(self, rng: np.random.Generator) -> list[tuple[np.ndarray, dict[str, Any]]]:
@@ -288,8 +289,8 @@ class MapSearch(Strategy):
         rest = max(0, self.design_size - len(out))
         n_iso = int(round(s.isotropic * rest))
         t = (np.arange(n_iso) + rng.random(n_iso)) / max(n_iso, 1)
-        out += [(np.full(self.dimension, v), {"batch": 0, "role": "isotropic"}) for v in t]
-        out += [(p, {"batch": 0, "role": "design"}) for p in latin_hypercube(rest - n_iso, self.dimension, rng)]
+        out += [(self._box(np.full(self.dimension, v)), {"batch": 0, "role": "isotropic"}) for v in t]
+        out += [(self._box(p), {"batch": 0, "role": "design"}) for p in latin_hypercube(rest - n_iso, self.dimension, rng)]
         return out
 
     def _surrogate_batch(
@@ -325,7 +326,7 @@ class MapSearch(Strategy):
         }
         predicted = surrogate(np.array(points))
         return [
-            (np.asarray(p, dtype=np.float64), {**common, "role": role, "predicted": [round(float(v), DIGITS) for v in pred]})
+            (self._box(np.asarray(p, dtype=np.float64)), {**common, "role": role, "predicted": [round(float(v), DIGITS) for v in pred]})
             for p, role, pred in zip(points, roles, predicted)
         ]
 
@@ -370,10 +371,17 @@ class MapSearch(Strategy):
 
     # -- fitting ---------------------------------------------------------------------------------
 
+    def _box(self, unit: np.ndarray) -> np.ndarray:
+        """A point of the unit box (where the surrogates live) in this strategy's bounds."""
+        low, high = self.bounds[:, 0], self.bounds[:, 1]
+        return unit if np.all(low == 0.0) and np.all(high == 1.0) else low + unit * (high - low)
+
     def _data(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every successful result, sorted by ticket (the fit must not depend on arrival order)."""
+        """Every successful result in unit-box coordinates, sorted by ticket (the fit must not depend
+        on arrival order)."""
         ok = [(t, g, v) for t, (g, v) in sorted(self._observed.items()) if v is not None]
-        x = np.array([g for _, g, _ in ok], dtype=np.float64).reshape(len(ok), self.dimension)
+        low, span = self.bounds[:, 0], self.bounds[:, 1] - self.bounds[:, 0]
+        x = (np.array([g for _, g, _ in ok], dtype=np.float64).reshape(len(ok), self.dimension) - low) / span
         y = np.array([v for _, _, v in ok], dtype=np.float64).reshape(len(ok), self.n_objectives)
         return x, y
 
