@@ -18,8 +18,10 @@ Departures from the reference code, each for a reason:
 
 * the space is any of ours (not only global task-arithmetic coefficients), in the unit box;
   hyperspherical angles are taken from the box's low corner (the base, for task arithmetic
-  weights from 0), and an acquisition point's radius is a fraction ``radius`` ~ U(0.2, 0.8) of
-  the ray's length inside the box (MAP: an absolute radius in [0.2, 0.8]);
+  weights from 0), and an acquisition point's radius is a fraction ``radius`` ~ U(0.2, 1.0) of
+  the ray's length inside the box (MAP: an absolute radius in [0.2, 0.8], which in our boxes
+  never reaches the far side, where weights above 1 live: on the zoo's pair that region holds
+  the best trade-offs);
 * an acquisition bin with no evaluated point scores as the worst-fitted one (MAP: −∞, so an
   unexplored region is never sampled), residuals are divided by each objective's observed range
   (objectives of different scales weigh alike) and bin scores by their maximum before the
@@ -200,7 +202,7 @@ class MapSearch(Strategy):
         std_weight: float = Field(0.5, ge=0.0, description="weight of the bootstrap std in a bin's score")
         bootstrap: int = Field(30, ge=1, description="resamples of a bin's errors")
         drop: float = Field(0.2, ge=0.0, lt=1.0, description="share of a bin's points each resample leaves out")
-        radius: tuple[float, float] = Field((0.2, 0.8), description="acquisition radius, as a fraction of the ray inside the box")
+        radius: tuple[float, float] = Field((0.2, 1.0), description="acquisition radius, as a fraction of the ray inside the box")
         min_distance: float = Field(
             0.01, ge=0.0, description="front points nearer than this (RMS per gene, unit box) to an evaluated genome are skipped"
         )
