@@ -90,7 +90,7 @@ def angles(x: np.ndarray) -> np.ndarray:
 def directions(phi: np.ndarray) -> np.ndarray:
     """Unit vectors of hyperspherical angles (the inverse of ``angles`` at radius 1)."""
     phi = np.atleast_2d(phi)
-    n, k = phi.shape
+    n = len(phi)
     sines = np.hstack([np.ones((n, 1)), np.cumprod(np.sin(phi), axis=1)])
     cosines = np.hstack([np.cos(phi), np.ones((n, 1))])
     return sines * cosines
@@ -287,6 +287,7 @@ class MapSearch(Strategy):
     def _design(self, rng: np.random.Generator) -> list[tuple[np.ndarray, dict[str, Any]]]:
         """Corners first, then the diagonal, then a Latin hypercube (MAP's ``generate_combined_points``)."""
         s = self.settings
+        # Fig. 1, step 2: sample scaling coefficients — the one-hot corners, the diagonal, random points
         out = [(r.genome.copy(), {"batch": 0, "role": "reference", "reference": r.name}) for r in self._references]
         rest = max(0, self.design_size - len(out))
         n_iso = int(round(s.isotropic * rest))
@@ -299,19 +300,19 @@ class MapSearch(Strategy):
         self, batch: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
     ) -> list[tuple[np.ndarray, dict[str, Any]]]:
         s = self.settings
-        models = self._fit(x, y)
+        models = self._fit(x, y)  # Fig. 1, step 3: one quadratic M̃_n(c) per objective, on every result so far
 
         def surrogate(points: np.ndarray) -> np.ndarray:
             return predict(models, points)
 
         fitted = surrogate(x)
         seeds = x[np.argsort(dominance_ranks(y), kind="stable")][: s.population // 2]  # the real front seeds NSGA-III
-        front_x, front_y = nsga3(
+        front_x, front_y = nsga3(  # step 4: the amortized front, NSGA-III on the surrogates alone
             surrogate, self.dimension, self.n_objectives, rng, population=s.population, generations=s.generations, initial=seeds
         )
         acquire = 1 < self.dimension <= MAX_ACQUISITION_GENES
         n_acquire = int(round(s.acquisition * s.batch_size)) if acquire else 0
-        chosen = self._front_points(front_x, front_y, fitted, x, s.batch_size - n_acquire)
+        chosen = self._front_points(front_x, front_y, fitted, x, s.batch_size - n_acquire)  # "MAP real": verify the prediction
         n_acquire = s.batch_size - len(chosen) if acquire else 0
         roles = ["front"] * len(chosen)
         points = [front_x[i] for i in chosen]
@@ -356,14 +357,14 @@ class MapSearch(Strategy):
     def _acquire(self, x: np.ndarray, y: np.ndarray, fitted: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
         """Bayesian MAP: bins of angles scored by the surrogates' error there, sampled by softmax."""
         s = self.settings
-        span = np.ptp(y, axis=0)
+        span = np.ptp(y, axis=0)  # Bayesian MAP: squared surrogate error of each evaluated point
         errors = np.mean(((fitted - y) / np.where(span > 0, span, 1.0)) ** 2, axis=1)
         per_angle = bins_per_angle(self.dimension)
         n_bins = per_angle ** (self.dimension - 1)
         scores = bin_scores(
             bin_of(angles(x), per_angle), errors, n_bins, rng, std_weight=s.std_weight, drop=s.drop, resamples=s.bootstrap
         )
-        picked = rng.choice(n_bins, size=count, p=softmax(scores, s.temperature))
+        picked = rng.choice(n_bins, size=count, p=softmax(scores, s.temperature))  # bins ∝ softmax(score / T)
         cells = np.array(np.unravel_index(picked, (per_angle,) * (self.dimension - 1))).T
         width = np.pi / 2 / per_angle
         phi = (cells + rng.random(cells.shape)) * width  # uniform within the bin

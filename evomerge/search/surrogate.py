@@ -1,7 +1,8 @@
 """Quadratic response surfaces: the per-objective surrogates of MAP (arXiv 2406.07529, §3.2).
 
-A merge's score as a function of its coefficients is smooth near the sources, so a quadratic —
-squares, pairwise cross terms, linear terms and a constant, (d+1)(d+2)/2 coefficients in d genes —
+A merge's score as a function of its coefficients is smooth near the sources (a second-order Taylor
+expansion around the base: M̃_n(c) = ½ cᵀA_n c + b_nᵀc + e_n), so a quadratic — squares, pairwise
+cross terms, linear terms and a constant, (d+1)(d+2)/2 coefficients in d genes —
 fitted on a few dozen evaluated merges predicts the rest of the space. Bounded metrics (accuracy,
 exact match) saturate, so they are fitted through a sigmoid link: y ≈ low + (high − low)·σ(q(x)),
 as MAP's code does for accuracy. Fitting is least squares: linear for the identity link, and
