@@ -106,14 +106,16 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_front(args: argparse.Namespace) -> int:
     from evomerge.inspection import RunView, pareto_front
+    from evomerge.inspection.front import reference_points
 
     view = RunView.load(args.run_dir)
     objectives = args.objectives.split(",") if args.objectives else None
     members = pareto_front(view, objectives)
+    references = reference_points(view, objectives, members)
     if args.json:
         print(json.dumps({"run_dir": str(view.run_dir), "state": view.state, "objectives": objectives or view.objectives,
-                          "front": [m.to_json() for m in members], "stopped_early": [r.ticket for r in view.estimates()]},
-                         indent=2))
+                          "front": [m.to_json() for m in members], "stopped_early": [r.ticket for r in view.estimates()],
+                          "references": [r.to_json() for r in references]}, indent=2))
         return 0
     names = view.objectives
     stopped = len(view.estimates())
@@ -123,6 +125,10 @@ def _cmd_front(args: argparse.Namespace) -> int:
         val = " ".join(f"{n}={m.objectives[n]:.4g}" for n in names)
         test = "" if m.heldout is None else "  test " + " ".join(f"{n}={m.heldout[n]:.4g}" for n in names)
         print(f"  #{m.candidate:<5d} {val}{test}  |  {m.summary}")
+    if references:
+        where = [f"{r.name} #{r.candidate} " + ("on the front" if r.dominated_by is None else f"dominated by #{r.dominated_by}")
+                 for r in references]
+        print("references: " + "; ".join(where))
     return 0
 
 

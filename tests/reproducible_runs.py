@@ -85,6 +85,10 @@ RUNS = {
         {"name": "optuna", "settings": {"sampler": "nsga2", "sampler_settings": {"population_size": 4}, "lag": 2}},
         "quality", ["quality", "size"], str(SPACE),
     ),
+    "map": (
+        {"name": "map", "settings": {"design_points": 8, "batch_size": 3}},
+        "quality", ["quality", "size"], str(REPO / "search_spaces" / "task-arithmetic-global.yaml"),
+    ),
     "natural-niches": (
         {"name": "natural_niches", "settings": {"archive_size": 4, "lag": 1}}, "niches", ["solved"], {"kind": "split_point"},
     ),

@@ -31,6 +31,7 @@ from evomerge.store.files import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "search_spaces" / "task-arithmetic-per-layer.yaml"
+GLOBAL_SPACE = REPO / "search_spaces" / "task-arithmetic-global.yaml"
 BUDGET = 18
 SLOTS = 3
 CHECKPOINT_EVERY = 3
@@ -38,7 +39,9 @@ STRATEGIES = {
     "cmaes": {"name": "cmaes", "settings": {"sigma0": 0.4, "popsize": 5}},
     "random": {"name": "random"},
     "optuna-tpe": {"name": "optuna", "settings": {"sampler": "tpe", "sampler_settings": {"n_startup_trials": 5}}},
+    "map": {"name": "map", "settings": {"design_points": 8, "batch_size": 4, "generations": 20}},
 }
+SPACES = {"map": GLOBAL_SPACE}  # MAP's quadratic needs few genes: one weight per source
 # One chain of kills on one run directory, each resumed child dying at the n-th pass of its step,
 # with what the store's last event may then be (None: a kill the store cannot see).
 RESULT = ("result", "result, checkpoint due")
@@ -81,7 +84,7 @@ def write_experiment(folder: Path, family: dict[str, Path], strategy: dict) -> P
         "seed": 4,
         "models": {"base": str(family["base"]), "a": str(family["expert_1"]), "b": str(family["expert_2"])},
         "base": "base",
-        "search_space": str(SPACE),
+        "search_space": str(SPACES.get(strategy["name"], SPACE)),
         "strategy": strategy,
         "fitness": {"python": "fitness.py:quality"},
         "heldout": {"python": "fitness.py:heldout"},

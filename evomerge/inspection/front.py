@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evomerge.inspection.pareto import nondominated_ranks
 from evomerge.inspection.run_view import RunView
 
@@ -24,6 +26,43 @@ class FrontMember:
     def to_json(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "rank": self.rank, "objectives": self.objectives,
                 "heldout": self.heldout, "recipe": self.summary}
+
+
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A reference model evaluated by the search, and where it stands against the front: on it, or
+    dominated by the front member ``dominated_by`` (a front must include or dominate every source)."""
+
+    name: str
+    kind: str | None
+    candidate: int
+    objectives: dict[str, float]
+    dominated_by: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "candidate": self.candidate, "objectives": self.objectives,
+                "on_front": self.dominated_by is None, "dominated_by": self.dominated_by}
+
+
+def reference_points(view: RunView, objectives: list[str] | None = None, front: list[FrontMember] | None = None) -> list[ReferencePoint]:
+    """The references the run evaluated (``RunView.references``), each checked against ``front``
+    (default: the run's front on ``objectives``)."""
+    names = objectives or view.objectives
+    front = pareto_front(view, names) if front is None else front
+    results = {r.ticket: r for r in view.ok_results()}
+    points = []
+    for name, ticket in view.references().items():
+        values = dict(zip(view.objectives, results[ticket].evaluation.objectives.tolist()))
+        own = np.array([values[n] for n in names])
+        dominated_by = None
+        if ticket not in {m.candidate for m in front}:
+            for member in front:
+                other = np.array([member.objectives[n] for n in names])
+                if np.all(other >= own) and (np.any(other > own) or member.candidate < ticket):
+                    dominated_by = member.candidate
+                    break
+        points.append(ReferencePoint(name, view.reference_kinds.get(name), ticket, values, dominated_by))
+    return points
 
 
 def pareto_front(run: RunView | str | Path, objectives: list[str] | None = None, *, max_rank: int = 0) -> list[FrontMember]:

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
 
 from evomerge.inspection import plots
-from evomerge.inspection.front import FrontMember, pareto_front
+from evomerge.inspection.front import FrontMember, pareto_front, reference_points
 from evomerge.inspection.recipe_grid import coefficient_grid
 from evomerge.inspection.run_view import RunView
 from evomerge.recipe import Blend, recipe_from_dict
@@ -130,14 +131,75 @@ def front_section(ctx: ReportContext) -> str:
         return "<h2>Pareto front</h2><p>No successful evaluation yet.</p>"
     values = view.values(records, view.objectives)
     chosen_index = next((i for i, r in enumerate(records) if r.ticket == ctx.chosen), None)
-    image = ctx.figure(plots.front_figure(values, view.objectives, chosen_index), "front", "Pareto front")
+    image = ctx.figure(
+        plots.front_figure(values, view.objectives, chosen_index, _reference_rows(view, records)), "front", "Pareto front"
+    )
     rows = []
     for member in ctx.front:
         cells = [str(member.candidate)] + [_fmt(member.objectives[n]) for n in view.objectives]
         cells += [_fmt(None if member.heldout is None else member.heldout[n]) for n in view.objectives]
         rows.append(cells + [member.summary])
     header = ["candidate", *[f"{n} (val)" for n in view.objectives], *[f"{n} (test)" for n in view.objectives], "recipe"]
-    return f"<h2>Pareto front</h2>{image}" + _table(header, rows)
+    return f"<h2>Pareto front</h2>{image}" + _table(header, rows) + _references_table(ctx)
+
+
+def _reference_rows(view: RunView, records: list) -> dict[str, int]:
+    """Label → row in ``records`` of each reference model the search evaluated."""
+    rows = {r.ticket: i for i, r in enumerate(records)}
+    return {name: rows[ticket] for name, ticket in view.references().items() if ticket in rows}
+
+
+def _references_table(ctx: ReportContext) -> str:
+    if len(ctx.view.objectives) < 2:
+        return ""
+    points = reference_points(ctx.view, front=ctx.front)
+    if not points:
+        return ""
+    names = ctx.view.objectives
+    rows = [
+        [p.name, p.kind or "", f"#{p.candidate}", *[_fmt(p.objectives[n]) for n in names],
+         "on the front" if p.dominated_by is None else f"dominated by #{p.dominated_by}"]
+        for p in points
+    ]
+    return "<p>Reference models evaluated by the search (stars in the figure):</p>" + _table(
+        ["model", "kind", "candidate", *[f"{n} (val)" for n in names], "against the front"], rows
+    )
+
+
+@report_part("surrogate", 25)
+def surrogate_section(ctx: ReportContext) -> str:
+    """A surrogate strategy's predicted front (MAP: stored with each proposal) beside the real evaluations."""
+    view = ctx.view
+    records = view.ok_results()
+    proposals = [view.candidates[t].proposal for t in sorted(view.candidates)]
+    fronts = [p for p in proposals if "front" in p.info]
+    if not fronts or not records or len(view.objectives) < 2:
+        return ""
+    values = view.values(records, view.objectives)
+    rows = {r.ticket: i for i, r in enumerate(records)}
+    predicted = [(rows[p.ticket], np.asarray(p.info["predicted"], dtype=float)) for p in fronts if p.ticket in rows]
+    latest = fronts[-1].info
+    image = ctx.figure(
+        plots.surrogate_figure(values, view.objectives, np.asarray(latest["front"], dtype=float), predicted,
+                               _reference_rows(view, records)),
+        "surrogate", "Predicted front beside the evaluations",
+    )
+    table_rows = []
+    for batch in sorted({p.info["batch"] for p in fronts}):
+        members = [p for p in fronts if p.info["batch"] == batch]
+        done = [(rows[p.ticket], np.asarray(p.info["predicted"], dtype=float)) for p in members if p.ticket in rows]
+        errors = np.mean([np.abs(values[row] - pred) for row, pred in done], axis=0) if done else None
+        table_rows.append(
+            [str(batch), str(len(members)), ", ".join(sorted({p.info["role"] for p in members})),
+             *[_fmt(None if errors is None else float(e)) for e in (errors if errors is not None else [None] * len(view.objectives))],
+             ", ".join(_fmt(r) for r in members[0].info.get("fit_r2", []))]
+        )
+    header = ["batch", "proposals", "roles", *[f"|predicted − real| {n}" for n in view.objectives], "in-sample R² per objective"]
+    return (
+        f"<h2>Surrogate front</h2><p>The dashed line is the front the surrogates predicted at the latest fit (batch "
+        f"{latest['batch']}); each open circle is a proposal's predicted scores, joined to its real ones.</p>{image}"
+        + _table(header, table_rows)
+    )
 
 
 @report_part("progress", 30)

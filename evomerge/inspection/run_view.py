@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class RunView:
     results: dict[str, list[ResultRecord]]
     summary: dict[str, Any] | None
     state: str
+    reference_kinds: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunView:
@@ -53,6 +54,7 @@ class RunView:
             results=results,
             summary=summary,
             state=state,
+            reference_kinds={r["name"]: r["kind"] for r in (metadata.get("layout") or {}).get("references", [])},
         )
 
     def ok_results(self, split: str = "validation", *, distinct: bool = False) -> list[ResultRecord]:
@@ -90,6 +92,17 @@ class RunView:
         if record.recipe is None:
             raise ConfigError(f"candidate {ticket}: no recipe was stored for it")
         return record.recipe
+
+    def references(self) -> dict[str, int]:
+        """Reference models (a source alone, the base, the uniform merge) the search evaluated: name →
+        the first candidate proposed as that reference with a successful validation result."""
+        ok = {r.ticket for r in self.ok_results()}
+        found: dict[str, int] = {}
+        for ticket in sorted(self.candidates):
+            name = self.candidates[ticket].proposal.info.get("reference")
+            if name is not None and ticket in ok:
+                found.setdefault(str(name), ticket)
+        return found
 
     def heldout(self, ticket: int) -> dict[str, float] | None:
         for record in self.results["test"]:

@@ -86,6 +86,7 @@ def prepare(experiment: Experiment, fingerprints: dict[str, ModelFingerprint] | 
         seed=experiment.strategy_seed,
         settings=experiment.strategy.settings,
         source=f"{experiment.source}: strategy",
+        budget=experiment.budget.evaluations,
     )
     executor = build_executor(experiment)
     try:

@@ -8,6 +8,7 @@ imported on first use so that reading a run store stays fast.
 """
 
 from evomerge.search import cma_es as _cma_es  # noqa: F401  (registers "cmaes")
+from evomerge.search import map_surrogate as _map_surrogate  # noqa: F401  (registers "map")
 from evomerge.search import natural_niches as _natural_niches  # noqa: F401  (registers "natural_niches")
 from evomerge.search import optuna_samplers as _optuna_samplers  # noqa: F401  (registers "optuna")
 from evomerge.search import random_search as _random_search  # noqa: F401  (registers "random")

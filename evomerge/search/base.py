@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError
-from evomerge.search.layout import GenomeLayout
+from evomerge.search.layout import REFERENCE_KINDS, GenomeLayout, Reference
 from evomerge.search.serialize import decode, encode
 from evomerge.search.types import Evaluation, Proposal
 
@@ -38,6 +38,18 @@ class StrategySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ReferenceKind = Literal["source", "base", "uniform"]
+
+
+def references_field() -> Any:
+    """The ``references`` setting of strategies that evaluate the reference models first."""
+    return Field(
+        None,
+        description="reference models evaluated first (kinds: source, base, uniform); "
+        "null: all of them with several objectives, none with one",
+    )
+
+
 class Strategy(ABC):
     """A seeded, checkpointable ask/tell search strategy.
 
@@ -48,7 +60,9 @@ class Strategy(ABC):
 
     ``layout`` tells the strategy what its genes are (names, models, layers), where to start and
     which references (each source alone, the base, the uniform merge) the space can express; an
-    int is a plain box of that many genes. ``can_ask`` lets a strategy whose next proposal depends
+    int is a plain box of that many genes. ``budget`` is the number of evaluations the run may
+    spend, when the experiment sets one (a strategy that cannot work within it says so at once;
+    none may let it change its proposals, so that a run's prefix is a shorter run). ``can_ask`` lets a strategy whose next proposal depends
     on results still out (a population seeded from its first evaluations) make the driver wait.
 
     A told result reaches ``_observe`` once its ticket is below ``_horizon()`` (by default at
@@ -68,6 +82,7 @@ class Strategy(ABC):
         seed: int = 0,
         bounds: np.ndarray | None = None,
         settings: StrategySettings | None = None,
+        budget: int | None = None,
     ) -> None:
         layout = GenomeLayout.box(layout) if isinstance(layout, int) else layout
         if layout.dimension < 1:
@@ -80,6 +95,7 @@ class Strategy(ABC):
         self.seed = int(seed)
         self.settings = settings if settings is not None else self.Settings()
         self.bounds = _check_bounds(bounds, self.dimension, self.name)
+        self.budget = budget
         self._next_ticket = 0
         self._outstanding: dict[int, Proposal] = {}
         self._unseen: list[tuple[Proposal, Evaluation]] = []
@@ -173,6 +189,24 @@ class Strategy(ABC):
         parents. None when the strategy has nothing to add (the default).
         """
         return None
+
+    def start_references(self, kinds: list[str] | None) -> list[Reference]:
+        """The references to evaluate first: those of ``kinds`` (None: every kind when there are several
+        objectives — a front must include or dominate each source — and none for one objective) whose
+        genome lies in this strategy's box, without repeating a genome."""
+        if kinds is None:
+            kinds = list(REFERENCE_KINDS) if self.n_objectives > 1 else []
+        chosen: list[Reference] = []
+        seen: set[bytes] = set()
+        for reference in self.layout.references_of(kinds):
+            genome = reference.genome
+            if genome is None or not np.all((genome >= self.bounds[:, 0]) & (genome <= self.bounds[:, 1])):
+                continue
+            key = np.asarray(genome, dtype=np.float64).tobytes()
+            if key not in seen:
+                seen.add(key)
+                chosen.append(Reference(reference.name, reference.kind, np.asarray(genome, dtype=np.float64).copy()))
+        return chosen
 
     def worst_seen(self) -> np.ndarray | None:
         """Per objective, the worst (lowest) value told so far; None before any success."""

@@ -4,6 +4,11 @@ The study lives in memory and is driven with Optuna's ask-and-tell API: one ``Fl
 per gene, every objective maximized. Our run store, not Optuna's storage, is the source of truth
 (Optuna's SQLite storage is far slower per trial: see ``evomerge/store/__init__.py``).
 
+Corners first: with several objectives (or when ``references`` says so) the layout's reference
+genomes — each source alone, the base, the uniform merge — are enqueued as the study's first
+trials (``Study.enqueue_trial``), so the front includes or dominates every source. The queue is
+rebuilt with every new study, so a restore replays them like any trial.
+
 Checkpoint = data only: every trial's genome, values and state, and the order of the tells (how
 many trials had been asked at each). A restore builds a fresh sampler from the seed and replays
 that history through ``ask``/``tell`` exactly as it happened, verifying every re-asked genome bit
@@ -33,7 +38,7 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import ConfigError
-from evomerge.search.base import Strategy, StrategySettings
+from evomerge.search.base import ReferenceKind, Strategy, StrategySettings, references_field
 from evomerge.search.layout import GenomeLayout
 from evomerge.search.registry import register_strategy
 from evomerge.search.types import Evaluation, Proposal
@@ -68,6 +73,7 @@ class OptunaSearch(Strategy):
         )
         failure_value: float | None = Field(None, allow_inf_nan=False, description="objective for a failed candidate")
         lag: int = Field(0, ge=0, description="trial t is sampled knowing the results of trials before t - lag only")
+        references: list[ReferenceKind] | None = references_field()
 
     def __init__(self, layout: GenomeLayout | int, **kwargs: Any) -> None:
         super().__init__(layout, **kwargs)
@@ -85,6 +91,7 @@ class OptunaSearch(Strategy):
             name: optuna.distributions.FloatDistribution(float(low), float(high))
             for name, (low, high) in zip(self._names, self.bounds)
         }
+        self._references = self.start_references(s.references)
         self._study = self._new_study(self._new_sampler())
         self._told: list[int] = []
         self._asked_before: list[int] = []
@@ -100,8 +107,12 @@ class OptunaSearch(Strategy):
             raise ConfigError(f"strategy.settings.sampler_settings: {cls.__name__}: {err}") from None
 
     def _new_study(self, sampler: Any) -> Any:
+        """A study whose first trials are the references (see the module docstring)."""
         optuna = _library()
-        return optuna.create_study(sampler=sampler, directions=["maximize"] * self.n_objectives)
+        study = optuna.create_study(sampler=sampler, directions=["maximize"] * self.n_objectives)
+        for reference in self._references:
+            study.enqueue_trial({name: float(v) for name, v in zip(self._names, reference.genome)})
+        return study
 
     def determined(self) -> bool:
         """The random sampler ignores results; every other one may read all the study's trials, so
@@ -118,7 +129,13 @@ class OptunaSearch(Strategy):
         if trial.number != ticket:
             raise RuntimeError(f"optuna trial number {trial.number} does not match ticket {ticket}")
         params = trial.params
-        return Proposal(ticket, np.array([params[name] for name in self._names], dtype=np.float64))
+        genome = np.array([params[name] for name in self._names], dtype=np.float64)
+        if ticket < len(self._references):
+            reference = self._references[ticket]
+            if genome.tobytes() != reference.genome.tobytes():
+                raise RuntimeError(f"optuna trial {ticket} is not the enqueued reference {reference.name}")
+            return Proposal(ticket, genome, info={"reference": reference.name})
+        return Proposal(ticket, genome)
 
     def _observe(self, proposal: Proposal, evaluation: Evaluation) -> None:
         values = evaluation.objectives if not evaluation.failed else self._penalty()
@@ -142,7 +159,7 @@ class OptunaSearch(Strategy):
         return self.worst_seen()
 
     def _state(self) -> dict[str, Any]:
-        trials = self._study.get_trials(deepcopy=False)
+        trials = [t for t in self._study.get_trials(deepcopy=False) if t.number < self._next_ticket]  # not enqueued ones
         params = np.array([[t.params[name] for name in self._names] for t in trials], dtype=np.float64)
         values = np.full((len(trials), self.n_objectives), np.nan)
         for i, t in enumerate(trials):

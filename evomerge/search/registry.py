@@ -59,11 +59,12 @@ def build_strategy(
     bounds: np.ndarray | None = None,
     settings: Mapping[str, Any] | None = None,
     source: str = "strategy",
+    budget: int | None = None,
 ) -> Strategy:
     """Build the strategy ``name`` for a genome ``layout`` (or a plain box of that many genes);
-    ``source`` prefixes error messages."""
+    ``budget``: the run's evaluations, when set; ``source`` prefixes error messages."""
     cls = get_strategy(name, f"{source}.name")
     if settings is not None and not isinstance(settings, Mapping):
         raise ConfigError(f"{source}.settings: expected a mapping, got {type(settings).__name__}")
     checked = validate(cls.Settings, dict(settings or {}), f"{source}.settings")
-    return cls(layout, n_objectives=n_objectives, seed=seed, bounds=bounds, settings=checked)
+    return cls(layout, n_objectives=n_objectives, seed=seed, bounds=bounds, settings=checked, budget=budget)

@@ -5,7 +5,9 @@ Layers are cut into groups of ``layer_granularity`` blocks; each group and each 
 module kinds or a tensor-name substring) gets its own genes: ``model_genes`` once per source model
 (weight, density, …) and ``shared_genes`` once (λ, t, …). Tensors outside the blocks (embeddings,
 final norm, head) get their own "outside" set of genes, which also covers block tensors that no
-filter selects. With ``smooth: true`` a gene is instead ``anchors`` values per filter, interpolated
+filter selects. With ``filters: []`` there is no per-layer rule at all: one set of genes for every
+tensor, i.e. global coefficients (``search_spaces/task-arithmetic-global.yaml``, the few-gene space
+MAP's quadratics need). With ``smooth: true`` a gene is instead ``anchors`` values per filter, interpolated
 across all layers (a gradient), so the dimension no longer grows with depth.
 
 Example (``search_spaces/ties-per-layer.yaml``)::
@@ -88,7 +90,9 @@ class ParameterSpaceSpec(BaseModel):
     kind: Literal["parameter"] = "parameter"
     method: str
     layer_granularity: int = Field(default=1, ge=0, description="blocks per group; 0 = one group for all blocks")
-    filters: list[Union[str, FilterSpec]] = Field(default_factory=lambda: ["all"])
+    filters: list[Union[str, FilterSpec]] = Field(
+        default_factory=lambda: ["all"], description="[] = no per-layer rules: global genes for every tensor"
+    )
     smooth: bool = False
     anchors: int = Field(default=3, ge=2, le=1024, description="smooth mode: anchor values per gene")
     model_genes: dict[str, GeneSpec] = Field(default_factory=dict)
@@ -209,7 +213,7 @@ class ParameterSpace(SearchSpace):
         )
 
     def _layout_blocks(self) -> list[_Block]:
-        blocks = [_Block("outside", None)]
+        blocks = [_Block("outside" if self.spec.filters else "global", None)]
         filters = [(f, BUILTIN_FILTERS[f], None) if isinstance(f, str) else (f.name, f.kinds, f.names) for f in self.spec.filters]
         if self.spec.smooth:
             groups = [("all", "all")]
