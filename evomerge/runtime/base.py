@@ -13,17 +13,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import Blueprint
 
 Split = Literal["validation", "test"]
 
 
 @dataclass(frozen=True)
 class Job:
-    """Materialize ``recipe`` and score it with the fitness of ``split``."""
+    """Materialize ``recipe`` (a blueprint of any kind) and score it with the fitness of ``split``."""
 
     key: int | str
-    recipe: Recipe
+    recipe: Blueprint
     split: Split = "validation"
 
 
