@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -105,7 +106,8 @@ class DataflowSpace(SearchSpace):
                 for a, i in self.layers
                 for b, j in self.layers
             ]
-        self._layout = GenomeLayout(tuple(genes), self._own_genome(self.embeddings), tuple(self._references()))
+        self._layout = GenomeLayout(tuple(genes), self._own_genome(self.embeddings))
+        self._layout = replace(self._layout, references=tuple(self._references()))
 
     @property
     def layout(self) -> GenomeLayout:
