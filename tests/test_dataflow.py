@@ -330,3 +330,87 @@ def test_materializers_switch_kinds_one_at_a_time(models, family):
         with torch.no_grad():
             assert torch.allclose(model(IDS).logits, by_path, atol=1e-6)  # expert a alone, either way
         chosen.close()
+
+
+# -- a data-flow run end to end ----------------------------------------------------------------------------
+
+FITNESS = """
+import torch
+
+IDS = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def fit(model, tokenizer):
+    with torch.no_grad():
+        logits = model(IDS).logits[0, :-1].double()
+    return {"fit": float(torch.log_softmax(logits, -1).gather(-1, IDS[0, 1:, None]).mean())}
+"""
+
+
+def dataflow_experiment(tmp_path: Path, models: dict[str, str], **space) -> Path:
+    (tmp_path / "fitness.py").write_text(FITNESS)
+    data = {
+        "name": "dfs",
+        "seed": 1,
+        "models": models,
+        "search_space": {"kind": "dataflow", "repeats": 2, "scaling": "slot", "max_layers": 5, **space},
+        "strategy": {"name": "cmaes", "settings": {"sigma0": 0.3, "popsize": 6}},
+        "fitness": {"python": "fitness.py:fit"},
+        "heldout": {"python": "fitness.py:fit"},
+        "budget": {"evaluations": 18},
+    }
+    path = tmp_path / "dfs.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_dataflow_run_records_paths_fails_long_ones_and_exports_its_best(models, tmp_path):
+    from evomerge.inspection import pareto_front
+    from evomerge.inspection.export_candidate import export_candidate
+    from evomerge.inspection.report import write_report
+    from evomerge.run import start_run
+    from evomerge.store import RunStore
+
+    run = tmp_path / "run"
+    summary = start_run(dataflow_experiment(tmp_path, models), run_dir=run, progress=False)
+    with RunStore.open_reader(run) as store:
+        candidates = {c.ticket: c for c in store.candidates()}
+        results = store.results()
+    assert {c.recipe["kind"] for c in candidates.values()} == {"path"}
+    failed = [r for r in results if not r.ok]
+    assert failed and all(r.error.startswith("ConfigError: path:") for r in failed)
+    assert any("exceed max_layers 5" in r.error for r in failed)
+    for r in failed:
+        hops = len(candidates[r.ticket].recipe["hops"])
+        assert hops > 5 or hops == 0
+    assert all(len(candidates[r.ticket].recipe["hops"]) <= 5 for r in results if r.ok)
+    labels = [row["label"] for row in summary["rows"]]
+    assert labels[0].startswith("best merge") and {"a", "b", "uniform average"} <= set(labels)
+    best = summary["best"]["candidate"]
+    assert pareto_front(run)[0].summary.startswith("path, ")
+    page = write_report(run)
+    assert (page.parent / "recipe.png").is_file() and "a path of" in page.read_text()
+    folder, ticket, no_mergekit = export_candidate(run, tmp_path / "best", best=True, progress=False)
+    assert ticket == best
+    exported = AutoModelForCausalLM.from_pretrained(folder)
+    namespace: dict = {}
+    exec(FITNESS, namespace)
+    recorded = summary["rows"][0]["objectives"]["fit"]
+    # a scaled path exports exactly up to the norms' ε (see the ε test above): 1e-4 on this pico's log-probs
+    assert namespace["fit"](exported, None)["fit"] == pytest.approx(recorded, abs=1e-3)
+    best_path = recipe_from_dict(candidates[best].recipe)
+    assert exported.config.num_hidden_layers == len(best_path.hops)
+    assert (no_mergekit is None) == (not best_path.scaled)
+
+
+def test_unscaled_paths_repeat_and_hit_the_fitness_cache(models, tmp_path):
+    from evomerge.run import start_run
+    from evomerge.store import RunStore
+
+    run = tmp_path / "run"
+    start_run(dataflow_experiment(tmp_path, models, scaling="none", repeats=1), run_dir=run, progress=False)
+    with RunStore.open_reader(run) as store:
+        results = store.results()
+        recipes = {c.ticket: c.recipe_hash for c in store.candidates()}
+    cached = [r for r in results if r.cached_from is not None]
+    assert cached and all(recipes[r.ticket] == recipes[r.cached_from] for r in cached)
