@@ -43,7 +43,11 @@ def test_the_exported_dfs_best_scores_in_the_lm_eval_cli_what_the_run_recorded(t
         "models": {"skill": str(zoo / "skill"), "lang": str(zoo / "lang")},
         "search_space": {"kind": "dataflow", "repeats": 2, "scaling": "slot", "scale_range": [0.5, 2.0], "max_layers": 6},
         "strategy": {"name": "cmaes", "settings": {"sigma0": 0.3, "popsize": 4}},
-        "fitness": {"include_path": str(zoo / "fitness"), "batch_size": 8, "tasks": [{"task": "zoo_add_a", "metric": "exact_match"}]},
+        "fitness": {
+            "include_path": str(zoo / "fitness"),
+            "batch_size": 8,
+            "tasks": [{"task": "zoo_add_a_mc", "metric": "acc"}, {"task": "zoo_add_a", "metric": "exact_match"}],
+        },
         "heldout": {"limit": None},
         "budget": {"evaluations": 8},
         "executor": {"threads": 1},
@@ -61,15 +65,18 @@ def test_the_exported_dfs_best_scores_in_the_lm_eval_cli_what_the_run_recorded(t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},dtype=float32",
-        "--include_path", str(zoo / "fitness"), "--tasks", "zoo_add_a", "--device", "cpu",
+        "--include_path", str(zoo / "fitness"), "--tasks", "zoo_add_a_mc,zoo_add_a", "--device", "cpu",
         "--batch_size", "8", "--log_samples", "--output_path", str(tmp_path / "lm_eval"),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     (results_file,) = glob.glob(str(tmp_path / "lm_eval" / "*" / "results_*.json"))
-    accuracy = json.loads(Path(results_file).read_text())["results"]["zoo_add_a"]["exact_match,none"]
-    assert accuracy == summary["rows"][0]["objectives"]["zoo_add_a"]
-    (samples_file,) = glob.glob(str(tmp_path / "lm_eval" / "*" / "samples_zoo_add_a_*.jsonl"))
-    samples = sorted((json.loads(line) for line in Path(samples_file).read_text().splitlines()), key=lambda s: s["doc_id"])
-    assert [float(s["exact_match"]) for s in samples] == list(heldout.evaluation.per_example)
-    assert 0 < sum(s["exact_match"] for s in samples) < N_TEST  # verdicts of both kinds: a comparison with teeth
+    results = json.loads(Path(results_file).read_text())["results"]
+    recorded = dict(zip(heldout.evaluation.example_ids, heldout.evaluation.per_example.tolist()))
+    for task, metric in (("zoo_add_a_mc", "acc"), ("zoo_add_a", "exact_match")):
+        assert results[task][f"{metric},none"] == summary["rows"][0]["objectives"][task]
+        (samples_file,) = glob.glob(str(tmp_path / "lm_eval" / "*" / f"samples_{task}_2*.jsonl"))
+        samples = sorted((json.loads(line) for line in Path(samples_file).read_text().splitlines()), key=lambda s: s["doc_id"])
+        assert [float(s[metric]) for s in samples] == [recorded[f"{task}:{i}"] for i in range(N_TEST)]
+    correct = sum(recorded[f"zoo_add_a_mc:{i}"] for i in range(N_TEST))
+    assert 0 < correct < N_TEST  # right and wrong choices: a comparison with teeth

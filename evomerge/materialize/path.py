@@ -9,10 +9,17 @@ head are the head model's, and whose config says ``num_hidden_layers`` = the pat
 A hop is a shallow clone of a source layer: new module objects (a few dicts of references) holding
 the very same parameter tensors. Two things differ from the source layer. Its attention modules get
 ``layer_idx`` = the hop's position, because transformers keys the KV cache by ``layer_idx``: a layer
-used twice is two hops that must not share a cache slot. And a forward pre-hook multiplies the
-hidden state entering the hop by the hop's scale. Clones are cached by (model, layer, position),
-so assembling a path is a list of dictionary look-ups and one ``ModuleList``
-(``benchmarks/path_assembly.py`` measures it).
+used twice is two hops that must not share a cache slot. And the hop applies its scale.
+
+A scale s_j multiplies the stream entering hop j (Sakana's definition). Where the architecture has
+a fold (``path_export.FOLD_RULES``: pre-norm blocks), the assembler computes the *folded* form the
+export writes — the stream divided by C_j = s_1·…·s_j, i.e. each sublayer output that joins the
+residual stream (attention output, MLP down projection, Gemma 2's post-norms) multiplied by 1/C_j
+by a forward hook — which is the scaled path up to the norms' ε and the exported model up to float
+rounding, so the model a run scores is the model it ships. Elsewhere a forward pre-hook scales the
+hop's input (such paths are searched but not exported). Clones are cached by (model, layer,
+position), so assembling a path is a list of dictionary look-ups, a few attribute writes and one
+``ModuleList`` (``benchmarks/path_assembly.py`` measures it).
 
 Example::
 
@@ -31,11 +38,13 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.materialize.path_export import FOLD_RULES, FoldRule
 from evomerge.materialize.registry import register_materializer
 from evomerge.pool import ModelPool
 from evomerge.recipe import LayerPath
 
 _SCALE = "_evomerge_path_scale"
+"""Attribute of a hop (input scale) or of a sublayer output module (1/C_j) holding this path's factor."""
 
 
 class PathAssembler:
@@ -52,7 +61,8 @@ class PathAssembler:
         for name, model in models.items():
             if getattr(model.config, "is_heterogeneous", False):
                 raise ModelError(f"model '{name}': per-layer (heterogeneous) configs cannot be assembled into a path")
-        self._hops: dict[tuple[str, int, int], torch.nn.Module] = {}
+        self._fold: FoldRule | None = FOLD_RULES.get(pool.layer_map.model_type)
+        self._hops: dict[tuple[str, int, int], tuple[torch.nn.Module, list[torch.nn.Module]]] = {}
         self._shells: dict[tuple[str, str], PreTrainedModel] = {}
         self.model: PreTrainedModel | None = None
 
@@ -83,7 +93,8 @@ class PathAssembler:
         """Make ``model`` the model of ``path`` (a one-line error if it cannot be assembled)."""
         self._check(path)
         shell = self._shell(path.embeddings, path.head_model)
-        hops = [self._hop(hop.model, hop.layer, position, hop.scale) for position, hop in enumerate(path.hops)]
+        factors = [1.0 / c for c in path.cumulative_scales()] if self._fold else [hop.scale for hop in path.hops]
+        hops = [self._hop(hop.model, hop.layer, position, factor) for position, (hop, factor) in enumerate(zip(path.hops, factors))]
         _child(shell, self._container)._modules[self._layers_name] = torch.nn.ModuleList(hops)
         config = shell.config
         config.num_hidden_layers = len(hops)
@@ -113,18 +124,28 @@ class PathAssembler:
         types = getattr(self.sources[model].config, "layer_types", None)
         return types[layer] if types is not None else None
 
-    def _hop(self, model: str, layer: int, position: int, scale: float) -> torch.nn.Module:
-        """Layer ``layer`` of ``model`` as hop ``position``: cached clone, this path's scale."""
+    def _hop(self, model: str, layer: int, position: int, factor: float) -> torch.nn.Module:
+        """Layer ``layer`` of ``model`` as hop ``position`` (a cached clone) with this path's factor:
+        1/C_j on its sublayer outputs (folded), or s_j on its input."""
         key = (model, layer, position)
-        hop = self._hops.get(key)
-        if hop is None:
+        if key not in self._hops:
             hop = _clone_tree(self._layers[model][layer])
             for module in hop.modules():
                 if "layer_idx" in module.__dict__:
                     module.layer_idx = position
-            hop.register_forward_pre_hook(_scale_input, with_kwargs=True)
-            self._hops[key] = hop
-        setattr(hop, _SCALE, float(scale))
+            if self._fold is not None:
+                targets = [m for name, m in hop.named_modules() if name and self._fold.folds(f"{name}.")]
+                if not targets:
+                    raise ModelError(f"model '{model}' layer {layer}: no module to fold a scale into ({type(hop).__name__})")
+                for target in targets:
+                    target.register_forward_hook(_scale_output)
+            else:
+                targets = [hop]
+                hop.register_forward_pre_hook(_scale_input, with_kwargs=True)
+            self._hops[key] = (hop, targets)
+        hop, targets = self._hops[key]
+        for target in targets:
+            setattr(target, _SCALE, float(factor))
         return hop
 
     def _shell(self, embeddings: str, head: str) -> PreTrainedModel:
@@ -145,8 +166,14 @@ class PathAssembler:
         return shell
 
 
+def _scale_output(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of a sublayer output module: its output times 1/C_j (the fold the export writes)."""
+    factor = getattr(module, _SCALE)
+    return None if factor == 1.0 else output * factor
+
+
 def _scale_input(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward pre-hook of a hop: its input hidden state times the hop's scale."""
+    """Forward pre-hook of a hop (architectures without a fold): its input hidden state times s_j."""
     scale = getattr(module, _SCALE)
     if scale == 1.0:
         return None

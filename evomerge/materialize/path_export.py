@@ -16,13 +16,17 @@ down projection: both are divided), or, where a norm closes the sublayer (Gemma 
 in that norm's gain (γ ↦ γ/C_j; Gemma's (1 + w) gain: w ↦ (1 + w)/C_j − 1). Embedding scales
 (Gemma's √d, Granite's multiplier) act before the first hop in both models and need nothing.
 
-**Where it is not exact.** ε: for a stream whose mean square is m, the exported norm sees m/C² and
-so an effective ε·C²/… relative change of ε/m per unit of C² — negligible when m ≫ ε (trained
-models), visible on tiny random fixtures. Architectures without a norm in front of every sublayer
-(OLMo 2 feeds the raw stream to its MLP; post-LN transformers normalize after the residual sum)
-have no such invariant: a scaled path of those is refused, as is any model type whose fold is not
-listed in ``FOLD_RULES`` (an unscaled path needs no fold and exports for every architecture). A
-tied head from another model than the embeddings is written untied (``tie_word_embeddings: false``).
+**Where it is not exact.** ε: a norm computes x/√(m + ε) for a stream of mean square m, so the
+exported model, whose stream is C_j times smaller, sees ε relatively C_j² times larger; the relative
+change of a norm's output is about ε·|C_j² − 1|/(2m), m the mean square the assembled path's
+norm sees — negligible on trained models (m ≫ ε), about
+1e-4 of the logits on tiny random fixtures, and 0 for an unscaled path (bit-identical export).
+Architectures without a norm in front of every sublayer (OLMo 2 feeds the raw stream to its MLP;
+post-LN transformers normalize after the residual sum) have no such invariant: a scaled path of
+those is refused with the reason, as is any model type whose fold is not listed in ``FOLD_RULES``
+(an unscaled path needs no fold and exports for every architecture). A negative scale would flip
+the stream's sign, which norms do not remove: scales are positive. A tied head taken from another
+model than the embeddings is written untied (``tie_word_embeddings: false``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class FoldRule:
     divide: tuple[str, ...] = ()
     offset_gain: tuple[str, ...] = ()
 
+    def folds(self, suffix: str) -> bool:
+        """Whether the tensor (or module path ending in '.') ``suffix`` inside a block takes the fold."""
+        return any(re.match(p, suffix) for p in (*self.divide, *self.offset_gain))
+
     def factor(self, suffix: str, scale: float) -> tuple[float, float]:
         """(multiplier, offset) for the tensor ``suffix`` of a hop with cumulative scale ``scale``:
         the written value is ``w · multiplier + offset``."""
@@ -73,8 +81,9 @@ FOLD_RULES: dict[str, FoldRule] = {
     "phi": FoldRule(divide=(r"self_attn\.dense\.", r"mlp\.fc2\.")),
     "gpt2": FoldRule(divide=(r"attn\.c_proj\.", r"mlp\.c_proj\.")),
 }
-"""Model types whose fold is derived above and verified by ``tests/test_dataflow.py`` (logits of the
-export against the assembled path)."""
+"""Model types whose fold is derived above and verified by ``tests/test_dataflow.py`` (the folded
+export against the input-scaled path with ε = 0, and against the assembled path). Every such
+sublayer output is the module's output times 1/C_j, which is what the path assembler computes."""
 
 NOT_FOLDABLE: dict[str, str] = {
     "olmo2": "its MLP reads the residual stream without a norm in front",

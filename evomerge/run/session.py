@@ -150,7 +150,8 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, ray_address: str |
     """Continue the run in ``run_dir`` from its store (a second driver on it is refused);
     ``ray_address`` moves the rest of the run onto a Ray cluster. A staged run continues inside
     its current stage, then runs the stages after it."""
-    from evomerge.run.stages import is_staged_run, resume_stages
+    from evomerge.run.stages import resume_stages
+    from evomerge.store.stages import is_staged_run
 
     folder = Path(run_dir).resolve()
     if is_staged_run(folder):

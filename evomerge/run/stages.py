@@ -56,7 +56,6 @@ from evomerge.store.stages import (
     POOL_FILE,
     STAGES_DIR,
     STAGES_FILE,
-    is_staged_run,
     read_staged,
     stage_dir,
     stage_state,
