@@ -23,6 +23,15 @@ Example (``experiments/demo.yaml``)::
     checkpoint_every: 10
     run_dir: null                        # default: runs/<name> under the current directory
 
+An experiment may instead have ``stages:`` (a parameter-space stage whose best joins the pool of a
+data-flow stage, as Sakana staged PS → DFS): each stage is a run of its own, its fields override
+the experiment's, and ``promote`` exports picks of it into the run directory as new models of the
+pool (``evomerge.run.stages``)::
+
+    stages:
+      - {name: ps, search_space: ..., strategy: ..., budget: ..., promote: [{name: ps_best}]}
+      - {name: dfs, models: [ps_best, lang], search_space: {kind: dataflow}, budget: ...}
+
 Every mistake is a one-line ``ConfigError`` naming the field (unknown keys with a did-you-mean).
 ``load_experiment`` also resolves every path (relative to the experiment file; ``zoo:`` models
 against the zoo folder; hub ids into the Hugging Face cache, pinned to the commit they resolved to)
@@ -155,6 +164,49 @@ class CallableFitnessConfig(_Strict):
 FitnessConfig = FitnessSpec | CallableFitnessConfig
 
 
+def _folder_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"expected letters, digits, '.', '_' or '-' (a folder name), got {value!r}")
+    return value
+
+
+class PromoteConfig(_Strict):
+    """A candidate of a stage that joins the pool of the next stages as model ``name``."""
+
+    name: str = Field(description="the model's name in later stages")
+    pick: str = Field(default="best", description="'best' (first objective) or front preferences 'a=0.7,b=0.3'")
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        return _folder_name(value)
+
+
+STAGE_FIELDS = ("base", "search_space", "strategy", "objectives", "heldout", "budget", "checkpoint_every")
+"""Experiment fields a stage overrides (``fitness`` is merged key by key; ``models`` selects from the pool)."""
+
+
+class StageConfig(_Strict):
+    """One stage of a staged experiment: a run of its own over (part of) the growing pool."""
+
+    name: str
+    models: list[str] | None = Field(default=None, description="pool models of this stage; default: the whole pool")
+    base: str | None = None
+    search_space: str | dict[str, Any] | None = None
+    strategy: StrategyConfig | None = None
+    objectives: list[str] | None = None
+    fitness: dict[str, Any] | None = Field(default=None, description="overrides of the experiment's fitness")
+    heldout: bool | dict[str, Any] | None = None
+    budget: BudgetConfig | None = None
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    promote: list[PromoteConfig] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _stage_name(cls, value: str) -> str:
+        return _folder_name(value)
+
+
 class ExperimentFile(_Strict):
     """The YAML form of an experiment (before paths are resolved)."""
 
@@ -165,24 +217,71 @@ class ExperimentFile(_Strict):
         description="name -> folder, zoo:<model>, org/name[@revision], model+adapter or {model: ..., lora: ...}"
     )
     base: str | None = None
-    search_space: PathText | dict[str, Any]
-    strategy: StrategyConfig
+    search_space: PathText | dict[str, Any] | None = None
+    strategy: StrategyConfig | None = None
     objectives: list[str] = Field(default_factory=lambda: [AGGREGATE], min_length=1)
     fitness: dict[str, Any]
     heldout: bool | dict[str, Any] | None = Field(
         default=None, description="true, or overrides of the fitness for the held-out evaluation (split: test)"
     )
-    budget: BudgetConfig
+    budget: BudgetConfig | None = None
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     checkpoint_every: int = Field(default=10, ge=1)
     run_dir: PathText | None = None
+    stages: list[StageConfig] | None = Field(default=None, min_length=1, description="runs in order over a growing pool")
 
     @field_validator("name")
     @classmethod
-    def _folder_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"expected letters, digits, '.', '_' or '-' (a folder name), got {value!r}")
-        return value
+    def _run_name(cls, value: str) -> str:
+        return _folder_name(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ExperimentFile:
+        """Without stages, search_space, strategy and budget are required; with stages, every stage
+        has them (its own or the experiment's) and names only models of the pool at its turn."""
+        if self.stages is None:
+            for field in ("search_space", "strategy", "budget"):
+                if getattr(self, field) is None:
+                    raise ValueError(f"{field}: required field is missing (or give stages:)")
+            return self
+        pool, seen = list(self.models), set()
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if stage.name in seen:
+                raise ValueError(f"{where}.name: '{stage.name}' appears twice")
+            seen.add(stage.name)
+            for field in ("search_space", "strategy", "budget"):
+                if getattr(stage, field) is None and getattr(self, field) is None:
+                    raise ValueError(f"{where}.{field}: required (in the stage or the experiment)")
+            for name in stage.models or []:
+                if name not in pool:
+                    raise ValueError(f"{where}.models: '{name}' is not in the pool at this stage ({', '.join(pool)})")
+            if stage.base is not None and stage.base not in (stage.models or pool):
+                raise ValueError(f"{where}.base: '{stage.base}' is not one of the stage's models")
+            for k, promotion in enumerate(stage.promote):
+                if promotion.name in pool:
+                    raise ValueError(f"{where}.promote[{k}].name: '{promotion.name}' is already a model of the pool")
+                pool.append(promotion.name)
+        return self
+
+    def stage_file(self, index: int, models: dict[str, Reference]) -> ExperimentFile:
+        """Stage ``index`` as a plain experiment over ``models`` (the pool at its turn): the stage's
+        fields over the experiment's, the fitness merged key by key, named ``<name>-<stage>``."""
+        stage = self.stages[index] if self.stages else None
+        if stage is None:
+            raise ValueError("not a staged experiment")
+        data = self.model_dump(mode="json", exclude={"stages"}, exclude_unset=True)
+        for field in STAGE_FIELDS:
+            if field in stage.model_fields_set:
+                data[field] = stage.model_dump(mode="json", include={field})[field]
+        if stage.fitness:
+            data["fitness"] = {**self.fitness, **stage.fitness}
+        names = stage.models or list(models)
+        data["models"] = {name: models[name] for name in names}
+        if "base" not in stage.model_fields_set and self.base not in names:
+            data["base"] = None
+        data["name"] = f"{self.name}-{stage.name}"
+        return ExperimentFile.model_validate(data)
 
     @field_validator("models")
     @classmethod
@@ -281,12 +380,22 @@ def load_experiment(
     one-line error says how to build it); ``prepare_zoo`` builds it, as ``evomerge run`` does.
     """
     spec, here, source = _read(path)
+    if spec.stages is not None:
+        raise ConfigError(f"{source}: has stages; run it with `evomerge run` (each stage is a run under RUN_DIR/stages/)")
+    return resolve_experiment(spec, here, source, run_dir=_run_dir(run_dir, spec, here), budget=budget, seed=seed)
+
+
+def resolve_experiment(
+    spec: ExperimentFile, here: Path, source: str, *, run_dir: Path, budget: int | None = None, seed: int | None = None
+) -> Experiment:
+    """A validated experiment file (without stages) resolved against its folder ``here``: what
+    ``load_experiment`` returns, and what each stage of a staged experiment becomes."""
     strategy = spec.strategy if seed is None else spec.strategy.model_copy(update={"seed": None})
     budget_config = spec.budget if budget is None else _budget(spec.budget, budget, source)
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"{source}: --seed: expected an integer from 0 to {MAX_SEED}, got {seed}")
     fitness, objectives, heldout, search_space = _resolved_parts(spec, here, source)
-    sources = _resolve_models(spec, here, source)
+    sources = resolve_sources(spec, here, source)
     return Experiment(
         name=spec.name,
         seed=spec.seed if seed is None else seed,
@@ -301,7 +410,7 @@ def load_experiment(
         budget=budget_config,
         executor=spec.executor,
         checkpoint_every=spec.checkpoint_every,
-        run_dir=str(_run_dir(run_dir, spec, here)),
+        run_dir=str(run_dir),
         source=source,
     )
 
@@ -314,8 +423,34 @@ def prepare_zoo(path: str | Path) -> None:
     spec, here, source = _read(path)
     if spec.zoo is None:
         return
-    _resolved_parts(spec, here, source)
+    for part in _parts(spec):
+        _resolved_parts(part, here, source)
     _build_zoo(spec.zoo, zoo_folder(spec.zoo, here), here, source)
+
+
+PROMOTED = "promoted:"
+"""Prefix of the placeholder reference a promoted model has while it does not exist yet."""
+
+
+def _parts(spec: ExperimentFile) -> list[ExperimentFile]:
+    """The experiment, or each stage as an experiment (models promoted by earlier stages as placeholders)."""
+    if spec.stages is None:
+        return [spec]
+    pool: dict[str, Any] = dict(spec.models)
+    parts = []
+    for i, stage in enumerate(spec.stages):
+        parts.append(spec.stage_file(i, pool))
+        pool.update({p.name: f"{PROMOTED}{p.name}" for p in stage.promote})
+    return parts
+
+
+def check_experiment_file(path: str | Path) -> tuple[ExperimentFile, Path, str]:
+    """Read and validate an experiment file (every stage of a staged one, its fitness, objectives
+    and search spaces) without resolving its models; returns it, its folder and its name."""
+    spec, here, source = _read(path)
+    for part in _parts(spec):
+        _resolved_parts(part, here, source)
+    return spec, here, source
 
 
 def _read(path: str | Path) -> tuple[ExperimentFile, Path, str]:
@@ -339,13 +474,18 @@ def _resolved_parts(
         )
     objectives = _checked_objectives(spec.objectives, fitness, source)
     heldout = _heldout(spec.heldout, spec.fitness, here, source)
-    return fitness, objectives, heldout, _inline_space(spec.search_space, here, source)
+    return fitness, objectives, heldout, inline_space(spec.search_space, here, source)
 
 
 def _budget(config: BudgetConfig, evaluations: int, source: str) -> BudgetConfig:
     if evaluations < 1:
         raise ConfigError(f"{source}: --budget: expected at least 1 evaluation, got {evaluations}")
     return config.model_copy(update={"evaluations": evaluations})
+
+
+def run_dir_of(override: str | Path | None, spec: ExperimentFile, here: Path) -> Path:
+    """The run directory: ``--run-dir``, else the file's ``run_dir``, else runs/<name>."""
+    return _run_dir(override, spec, here)
 
 
 def _run_dir(override: str | Path | None, spec: ExperimentFile, here: Path) -> Path:
@@ -410,7 +550,7 @@ def _checked_objectives(objectives: list[str], fitness: FitnessConfig, source: s
     return objectives
 
 
-def _inline_space(space: str | dict[str, Any], here: Path, source: str) -> dict[str, Any]:
+def inline_space(space: str | dict[str, Any], here: Path, source: str) -> dict[str, Any]:
     if isinstance(space, dict):
         return space
     path = (here / Path(space).expanduser()).resolve()
@@ -432,7 +572,7 @@ def zoo_folder(config: ZooConfig | None, here: Path) -> Path:
     return Path(os.environ.get(ZOO_ENV) or DEFAULT_ZOO_DIR).expanduser().resolve()
 
 
-def _resolve_models(spec: ExperimentFile, here: Path, source: str) -> dict[str, ResolvedSource]:
+def resolve_sources(spec: ExperimentFile, here: Path, source: str) -> dict[str, ResolvedSource]:
     """Every model reference resolved (zoo built first if asked; hub ids fetched or found in the cache)."""
     zoo = zoo_folder(spec.zoo, here)
     if spec.zoo is not None:

@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console
 
 from evomerge.store import RunStore
+from evomerge.store.stages import is_staged_run, latest_stage_dir, stage_status
 from evomerge.store.files import (
     SUMMARY_FILE,
     WORKERS_FILE,
@@ -40,8 +41,11 @@ def read_workers(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
-    """The run's state as JSON-ready data (see the module docstring for the conventions)."""
+    """The run's state as JSON-ready data (see the module docstring for the conventions); for a
+    staged run, its current (or last) stage's, with ``staged``: every stage's state and the pool."""
     folder = Path(run_dir)
+    if is_staged_run(folder):
+        return _staged_status(folder)
     with RunStore.open_reader(folder) as store:
         metadata = store.metadata
         names = list(metadata["objectives"])
@@ -89,6 +93,14 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "summary": summary,
         **(_strategy_state(experiment, results, parents) or {}),
     }
+
+
+def _staged_status(folder: Path) -> dict[str, Any]:
+    staged = stage_status(folder)
+    latest = latest_stage_dir(folder)
+    if latest is None:
+        return {"run_dir": str(folder.resolve()), "name": staged["name"], "staged": staged, "done": False}
+    return {**run_status(latest), "staged": staged, "done": staged["stage"] is None}
 
 
 def _strategy_state(experiment: dict[str, Any], results: list[Any], parents: dict[int, tuple[int, ...]]) -> dict[str, Any] | None:
@@ -143,6 +155,16 @@ def candidates_per_hour(finished: list[float]) -> float | None:
 def print_status(status: dict[str, Any], console: Console | None = None) -> None:
     """The status for people: counts, budget, best so far, throughput, and the summary when done."""
     console = console or Console()
+    staged = status.get("staged")
+    if staged is not None:
+        states = ", ".join(f"{s['name']} {s['state']}" for s in staged["stages"])
+        where = "all stages done" if staged["stage"] is None else f"stage {staged['stage_index'] + 1}/{len(staged['stages'])}: {staged['stage']}"
+        console.print(f"[bold]{staged['name']}[/bold] (staged) — {where} — {states}")
+        promoted = [f"{name} (from {e['stage']} #{e['candidate']})" for name, e in staged["pool"].items() if e.get("stage")]
+        if promoted:
+            console.print("promoted into the pool: " + ", ".join(promoted))
+        if "budget" not in status:
+            return
     budget = status["budget"]
     limits = [f"{budget['evaluations']} evaluations" if budget.get("evaluations") else None]
     limits.append(f"{budget['minutes']:g} minutes" if budget.get("minutes") else None)

@@ -7,6 +7,8 @@ Every config the user writes (recipes, experiments, search spaces, the zoo spec)
 
 from __future__ import annotations
 
+import re
+
 import difflib
 from pathlib import Path, PurePath
 from typing import Annotated, Any, TypeVar
@@ -108,7 +110,12 @@ def describe_validation_error(err: ValidationError, model: type[BaseModel]) -> s
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if not loc and _NAMES_A_FIELD.match(message):
+        return message  # a model-level check that names the field itself
     return f"{field}: {message}"
+
+
+_NAMES_A_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\d+\])?(\.[A-Za-z_][A-Za-z0-9_]*(\[\d+\])?)*: ")
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -220,9 +220,9 @@ class TestMergekitImport:
             (
                 {
                     "merge_method": "passthrough",
-                    "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}]}],
+                    "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2], "parameters": {"scale": 0.5}}]}],
                 },
-                r"'passthrough' cannot be read",
+                r"slices\[0\]: a passthrough slice takes exactly one source without parameters",
             ),
             (
                 {

@@ -94,7 +94,10 @@ def pareto_front(run: RunView | str | Path, objectives: list[str] | None = None,
 def recipe_summary(recipe: dict[str, Any]) -> str:
     """'task_arithmetic, 7 rules; weight: skill 0.08–1.27, lang 0.03–1.9' — each parameter's range
     per source over the recipe and its rules (a single value when it never varies); for a blend,
-    'blend, 3 segments; weight: a 0.2–0.7, …' over its segments."""
+    'blend, 3 segments; weight: a 0.2–0.7, …' over its segments; for a layer path,
+    'path, 9 hops: a 0-3 → b 2-4 → a 5; scale 0.81–1.3'."""
+    if recipe.get("kind") == "path":
+        return path_summary(recipe)
     if recipe.get("kind") == "blend":
         segments = recipe["segments"]
         weights: dict[str, list[float]] = defaultdict(list)
@@ -119,6 +122,17 @@ def recipe_summary(recipe: dict[str, Any]) -> str:
         by_param[key].append(f"{model} {low:.3g}" if low == high else f"{model} {low:.3g}–{high:.3g}")
     parts = [f"{key}: {', '.join(items)}" for key, items in by_param.items()]
     return "; ".join([head, *parts])
+
+
+def path_summary(recipe: dict[str, Any]) -> str:
+    """A layer path in a line: runs of consecutive layers per model, and the range of its scales."""
+    from evomerge.recipe import LayerPath
+
+    path = LayerPath.model_validate(recipe)
+    runs = " → ".join(f"{m} {a}" if a == b else f"{m} {a}-{b}" for m, a, b in path.spans())
+    scales = [hop.scale for hop in path.hops]
+    scale = "" if not path.scaled else f"; scale {min(scales):.3g}" + ("" if min(scales) == max(scales) else f"–{max(scales):.3g}")
+    return f"path, {len(path.hops)} hop{'s' if len(path.hops) != 1 else ''}: {runs or 'none'}{scale}"
 
 
 def _numbers(value: Any) -> list[float]:

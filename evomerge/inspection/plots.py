@@ -157,6 +157,26 @@ def blend_figure(starts: list[int], size: int, weights: dict[str, list[float]], 
     return fig
 
 
+def path_figure(hops: list[tuple[str, int, float]], models: list[str], title: str) -> Figure:
+    """A layer path: hop by hop (x), the layer it runs (y), one colour per model, each hop's input scale written over it."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(hops) + 2.5), 3.6), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    xs = np.arange(len(hops))
+    ax.plot(xs, [layer for _, layer, _ in hops], "-", color=ALL_COLOR, linewidth=1, zorder=1)
+    for k, model in enumerate(models):
+        mine = [(x, layer, scale) for x, (m, layer, scale) in zip(xs, hops) if m == model]
+        if mine:
+            ax.scatter([x for x, _, _ in mine], [y for _, y, _ in mine], s=46, color=colors[k % len(colors)], label=model, zorder=2)
+    if len(hops) <= 48:
+        for x, (_, layer, scale) in zip(xs, hops):
+            if scale != 1.0:
+                ax.annotate(f"×{scale:.2f}", (x, layer), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+    ax.set(xlabel="hop (position in the merged model)", ylabel="source layer", title=title)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
 def heatmap_figure(matrix: np.ndarray, rows: list[str], columns: list[str], parameter: str, title: str) -> Figure:
     """Per-layer coefficients of a recipe: one row per source (× module kind), one column per layer."""
     matrix = np.asarray(matrix, dtype=float)

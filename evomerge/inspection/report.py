@@ -23,7 +23,7 @@ from evomerge.inspection import plots
 from evomerge.inspection.front import FrontMember, pareto_front, reference_points
 from evomerge.inspection.recipe_grid import coefficient_grid
 from evomerge.inspection.run_view import RunView
-from evomerge.recipe import Blend, recipe_from_dict
+from evomerge.recipe import Blend, LayerPath, recipe_from_dict
 from evomerge.status import run_status
 from evomerge.store.run_files import REPORT_DIR
 
@@ -222,6 +222,11 @@ def recipe_section(ctx: ReportContext) -> str:
         weights = {m: [s.weights.get(m, 0.0) for s in recipe.segments] for m in recipe.models}
         title = f"Candidate {ctx.chosen}: blend weights along the parameter order"
         image = ctx.figure(plots.blend_figure(starts, recipe.size, weights, title), "recipe", title)
+        return f"<h2>Chosen recipe (candidate {ctx.chosen})</h2>{image}<pre>{html.escape(recipe.to_yaml())}</pre>"
+    if isinstance(recipe, LayerPath):
+        hops = [(hop.model, hop.layer, hop.scale) for hop in recipe.hops]
+        title = f"Candidate {ctx.chosen}: a path of {len(hops)} layers (embeddings {recipe.embeddings}, head {recipe.head_model})"
+        image = ctx.figure(plots.path_figure(hops, list(recipe.models), title), "recipe", title)
         return f"<h2>Chosen recipe (candidate {ctx.chosen})</h2>{image}<pre>{html.escape(recipe.to_yaml())}</pre>"
     matrix, rows, columns, parameter = coefficient_grid(recipe)
     title = f"Candidate {ctx.chosen}: {recipe.method} {parameter} per source and layer"

@@ -12,6 +12,7 @@ from evomerge.errors import ConfigError
 from evomerge.status import read_summary
 from evomerge.store import CandidateRecord, ResultRecord, RunStore
 from evomerge.store.lock import RunLock
+from evomerge.store.stages import is_staged_run, latest_stage_dir
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,13 @@ class RunView:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunView:
+        """The run in ``run_dir``; for a staged run directory, its latest started stage's run."""
         folder = Path(run_dir).resolve()
+        if is_staged_run(folder):
+            latest = latest_stage_dir(folder)
+            if latest is None:
+                raise ConfigError(f"{folder}: a staged run whose first stage has not started yet")
+            folder = latest
         with RunStore.open_reader(folder) as store:
             metadata = store.metadata
             candidates = {c.ticket: c for c in store.candidates()}

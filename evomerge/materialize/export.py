@@ -36,9 +36,16 @@ from evomerge.materialize.tensors import (
     merge_tensor,
     output_dtype,
 )
+from evomerge.materialize.path_export import (
+    check_path,
+    path_config,
+    path_tensors,
+    read_path_tensor,
+    untied_head,
+)
 from evomerge.pool import ModelPool
 from evomerge.pool.sources import ResolvedSource, Weights
-from evomerge.recipe import Blend, Blueprint, Recipe, RecipePlanner, order_digest
+from evomerge.recipe import Blend, Blueprint, LayerPath, Recipe, RecipePlanner, order_digest
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 MANIFEST = ".evomerge-export.json"
@@ -76,16 +83,19 @@ def export_merge(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        base = recipe.reference if isinstance(recipe, Blend) else recipe.base
+        base = recipe.base if isinstance(recipe, Recipe) else recipe.reference if isinstance(recipe, Blend) else None
         with ModelPool.open(recipe.models, base, trust_remote_code=trust_remote_code) as pool:
+            config = None
             if isinstance(recipe, Blend):
                 _write_blend(recipe, pool, tmp, device, max_shard_bytes, progress)
-                tokenizer_model = recipe.reference
+            elif isinstance(recipe, LayerPath):
+                config = _write_path(recipe, pool, tmp, device, max_shard_bytes, progress)
             else:
                 _write_tensors(recipe, pool, tmp, device, max_shard_bytes, progress)
-                tokenizer_model = recipe.tokenizer or recipe.reference
             sources = {name: pool.source(name) for name in recipe.models}
-            _write_metadata(recipe, pool.path(recipe.reference), pool.path(tokenizer_model), tmp, card_extra, sources)
+            _write_metadata(
+                recipe, pool.path(recipe.reference), pool.path(recipe.tokenizer_source), tmp, card_extra, sources, config
+            )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / MANIFEST).write_text(json.dumps(sorted([MANIFEST, *(p.name for p in tmp.iterdir())])) + "\n")
@@ -181,6 +191,30 @@ def _write_blend(blend: Blend, pool: ModelPool, folder: Path, device: str, max_s
             bar.advance(task)
 
 
+def _write_path(path: LayerPath, pool: ModelPool, folder: Path, device: str, max_shard_bytes: int, show: bool) -> dict:
+    """A layer path tensor by tensor, scales folded (``path_export``); returns its config."""
+    check_path(path, pool)
+    untied = untied_head(path, pool)
+    tensors = list(path_tensors(path, pool, untied))
+    layout = []
+    for tensor in tensors:
+        stored = pool.dtype(tensor.model, tensor.source)
+        dtype = output_dtype(path.dtype, stored) if is_mergeable(stored) else stored
+        layout.append((tensor.name, pool.shape(tensor.model, tensor.source), dtype))
+    writer = ShardedSafetensorsWriter(folder, layout, max_shard_bytes=max_shard_bytes)
+    buffers = BufferPool(device)
+    with writer, _progress(show) as bar:
+        task = bar.add_task("writing the path", total=len(layout))
+        for tensor, (name, shape, dtype) in zip(tensors, layout):
+            if not is_mergeable(pool.dtype(tensor.model, tensor.source)):
+                writer.write(name, pool.tensor(tensor.model, tensor.source, device=device, dtype=None))
+            else:
+                value = read_path_tensor(pool, tensor, device, buffers.get("out", list(shape)))
+                writer.write(name, _cast(value, dtype))
+            bar.advance(task)
+    return path_config(path, pool, untied)
+
+
 def _cast(merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The one cast on write: to the output dtype, on the CPU."""
     return merged if merged.dtype == dtype and merged.device.type == "cpu" else merged.to(dtype).cpu()
@@ -200,8 +234,10 @@ def _write_metadata(
     folder: Path,
     card_extra: str,
     sources: Mapping[str, ResolvedSource] | None = None,
+    config: dict | None = None,
 ) -> None:
-    config = json.loads((reference / "config.json").read_text())
+    """config.json (``config``, else the reference's), generation config, tokenizer files, recipe, card."""
+    config = json.loads((reference / "config.json").read_text()) if config is None else config
     if recipe.dtype:
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = recipe.dtype
@@ -228,6 +264,11 @@ def model_card(recipe: Blueprint, extra: str = "", sources: Mapping[str, Resolve
     )
     if isinstance(recipe, Blend):
         made = f"Made by evomerge as a blend of {len(recipe.source_names)} models in {len(recipe.segments)} segment(s).\n"
+    elif isinstance(recipe, LayerPath):
+        made = (
+            f"Made by evomerge as a layer path: {len(recipe.hops)} layers taken from {len(recipe.source_names)} models "
+            "(data-flow merge; input scales folded into the output projections).\n"
+        )
     else:
         made = f"Made by evomerge with method `{recipe.method}`" + (f" on base `{recipe.base}`" if recipe.base else "") + ".\n"
     parts = [

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.materialize.registry import register_materializer
 from evomerge.materialize.tensors import blend_tensor, is_mergeable, merge_tensor
 from evomerge.merge.fused import repeated_merges
 from evomerge.pool import ModelPool
@@ -124,6 +125,11 @@ class ResidentMerger:
             if result.data_ptr() != target.data_ptr():
                 target.copy_(result)
 
+    def close(self) -> None:
+        """Drop the skeleton and the resident tensors (the pool belongs to the caller)."""
+        self._tensors.clear()
+        self._caches.clear()
+
     def _check_models(self, recipe: Blueprint) -> None:
         for name, ref in recipe.models.items():
             if name not in self._tensors:
@@ -132,3 +138,7 @@ class ResidentMerger:
             if ref != pooled and Path(ref).resolve() != Path(pooled).resolve():
                 raise ConfigError(f"recipe.models.{name}: '{ref}' differs from the pool's '{pooled}'")
 
+
+@register_materializer("recipe", "blend")
+def _resident_merger(pool: ModelPool, device: torch.device, dtype: torch.dtype) -> ResidentMerger:
+    return ResidentMerger.load(pool, device=device, dtype=dtype)

@@ -78,6 +78,10 @@ class Blend(BaseModel):
         return self
 
     @property
+    def tokenizer_source(self) -> str:
+        return self.reference
+
+    @property
     def source_names(self) -> list[str]:
         """Models with a non-zero weight somewhere, in ``models`` order."""
         used = {name for s in self.segments for name, w in s.weights.items() if w != 0.0}

@@ -1,7 +1,8 @@
 """Read mergekit merge configs as recipes, with mergekit's semantics.
 
 Users bring the configs they already have (``models``/``base_model``/``merge_method``/
-``parameters``, or a single ``slices`` entry spanning every layer). Operator names and parameter
+``parameters``, or a single ``slices`` entry spanning every layer; ``passthrough`` slices that
+stack layers of several models are read as a layer path). Operator names and parameter
 names are mergekit's, and each operator's defaults are mergekit's, so a config means the same here
 as there. Models are named as mergekit names them: folders, hub ids ``org/name@revision`` and
 LoRA sources ``model+adapter``. What evomerge cannot express (layer stacking or reordering,
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError, EvomergeError, ModelError
 from evomerge.pool.sources import Reference, resolve_source, short_name
+from evomerge.recipe.path import Hop, LayerPath
 from evomerge.recipe.schema import ParamSetting, Recipe
 from evomerge.validation import PathText, validate
 
@@ -80,16 +82,18 @@ def is_mergekit_config(data: dict[str, Any]) -> bool:
     return "merge_method" in data
 
 
-def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe:
-    """Translate a mergekit config into an equivalent recipe."""
+def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe | LayerPath:
+    """Translate a mergekit config into an equivalent recipe (a layer path for passthrough slices)."""
     for key in ("modules", "tokenizer", "chat_template"):
         if key in data:
             raise ConfigError(f"{source}: {key}: mergekit's '{key}' option is not supported by evomerge")
     config = validate(MergekitConfig, data, source)
+    if config.merge_method == "passthrough":
+        return _path_from_mergekit(config, source)
     if config.merge_method not in SUPPORTED_METHODS:
         raise ConfigError(
             f"{source}: merge_method: '{config.merge_method}' cannot be read from a mergekit config; "
-            f"supported: {', '.join(SUPPORTED_METHODS)}"
+            f"supported: {', '.join(SUPPORTED_METHODS)}, passthrough"
         )
     entries = _entries(config, source)
     if not entries:
@@ -127,6 +131,35 @@ def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe:
     if config.merge_method in _BASE_IS_INPUT:
         recipe["sources"] = sources
     return validate(Recipe, recipe, source)
+
+
+def _path_from_mergekit(config: MergekitConfig, source: str) -> LayerPath:
+    """Passthrough slices as a layer path: every slice one model's layer range, stacked in order;
+    embeddings from the first slice's model, final norm and head from the last's (as mergekit does)."""
+    if config.models or not config.slices:
+        raise ConfigError(f"{source}: passthrough: expected 'slices' (each one model's layer_range)")
+    if config.base_model is not None or config.parameters:
+        raise ConfigError(f"{source}: passthrough: base_model and parameters (scale) are not supported")
+    refs: list[str] = []
+    for i, piece in enumerate(config.slices):
+        if len(piece.sources) != 1 or piece.parameters or piece.sources[0].parameters or piece.base_model:
+            raise ConfigError(f"{source}: slices[{i}]: a passthrough slice takes exactly one source without parameters")
+        if piece.sources[0].model not in refs:
+            refs.append(piece.sources[0].model)
+    names = _short_names(refs)
+    hops = []
+    for i, piece in enumerate(config.slices):
+        src = piece.sources[0]
+        start, stop = src.layer_range
+        if not 0 <= start < stop:
+            raise ConfigError(f"{source}: slices[{i}].sources[0].layer_range: expected [start, stop) with 0 <= start < stop")
+        hops += [Hop(model=names[src.model], layer=layer) for layer in range(start, stop)]
+    embeddings, head = names[config.slices[0].sources[0].model], names[config.slices[-1].sources[0].model]
+    if config.tokenizer_source not in (None, "base") and names.get(config.tokenizer_source) != embeddings:
+        raise ConfigError(f"{source}: tokenizer_source: a path uses the tokenizer of its first slice's model")
+    dtype = config.out_dtype or config.dtype
+    path = {"kind": "path", "models": {names[r]: r for r in refs}, "embeddings": embeddings, "head": head, "hops": hops, "dtype": dtype}
+    return validate(LayerPath, path, source)
 
 
 def _entries(config: MergekitConfig, source: str) -> list[tuple[str, dict[str, ParamSetting] | None]]:

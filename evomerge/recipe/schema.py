@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.errors import ConfigError
 from evomerge.pool.sources import Reference, resolve_models
 from evomerge.recipe.blend import Blend
+from evomerge.recipe.path import LayerPath
 from evomerge.validation import read_yaml, validate
 
 Scalar = Union[bool, int, float, str]
@@ -135,6 +136,11 @@ class Recipe(BaseModel):
         """The model whose layout, config and tokenizer the output follows."""
         return self.base if self.base is not None else self.source_names[0]
 
+    @property
+    def tokenizer_source(self) -> str:
+        """The model whose tokenizer the merged model uses."""
+        return self.tokenizer or self.reference
+
     def resolve_models(self, root: Path, source: str = "recipe") -> Recipe:
         """A copy whose model references are pinned (``evomerge.pool.sources``): relative paths made
         absolute against ``root`` (the recipe's folder) when that folder exists there, else against the
@@ -148,10 +154,18 @@ class Recipe(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-Blueprint = Union[Recipe, Blend]
-"""Any kind of recipe: a parameter recipe (method + rules) or a blend of whole models."""
+Blueprint = Union[Recipe, Blend, LayerPath]
+"""Any kind of recipe: a parameter recipe (method + rules), a blend of whole models, a layer path."""
 
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"recipe": Recipe, "blend": Blend}
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"recipe": Recipe, "blend": Blend, "path": LayerPath}
+
+
+def blueprint_kind(blueprint: Blueprint) -> str:
+    """The ``kind`` a blueprint is stored and materialized under."""
+    for kind, cls in RECIPE_KINDS.items():
+        if isinstance(blueprint, cls):
+            return kind
+    raise TypeError(f"not a blueprint: {type(blueprint).__name__}")
 
 
 def load_recipe(path: str | Path) -> Blueprint:

@@ -122,9 +122,21 @@ def start_run(
     run directory behind, and ``overwrite`` deletes an earlier run only once the new one is ready
     to start, and only what a run wrote (``RUN_FILES``) in a folder that holds an evomerge run or
     nothing (never one a live driver holds). Returns the summary (also in ``RUN_DIR/summary.json``).
+    An experiment with ``stages:`` runs each stage in turn (``evomerge.run.stages``).
     """
+    from evomerge.run.stages import is_staged, run_stages
+
+    if is_staged(experiment_path):
+        return run_stages(
+            experiment_path, run_dir=run_dir, budget=budget, seed=seed, progress=progress, overwrite=overwrite, ray_address=ray_address
+        )
     prepare_zoo(experiment_path)
     experiment = with_ray_address(load_experiment(experiment_path, run_dir=run_dir, budget=budget, seed=seed), ray_address)
+    return start_experiment(experiment, progress=progress, overwrite=overwrite)
+
+
+def start_experiment(experiment: Experiment, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Prepare a loaded experiment, create its run directory and search (what ``start_run`` does after loading)."""
     folder = Path(experiment.run_dir)
     if overwrite:
         check_replaceable(folder)
@@ -148,8 +160,14 @@ def start_run(
 
 def resume_run(run_dir: str | Path, *, progress: bool = True, ray_address: str | None = None) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its store (a second driver on it is refused);
-    ``ray_address`` moves the rest of the run onto a Ray cluster."""
+    ``ray_address`` moves the rest of the run onto a Ray cluster. A staged run continues inside
+    its current stage, then runs the stages after it."""
+    from evomerge.run.stages import resume_stages
+    from evomerge.store.stages import is_staged_run
+
     folder = Path(run_dir).resolve()
+    if is_staged_run(folder):
+        return resume_stages(folder, progress=progress, ray_address=ray_address)
     with RunStore.open(folder) as store:
         metadata = store.metadata
         if metadata.get("format") != METADATA_FORMAT:

@@ -11,7 +11,9 @@ from evomerge.runtime.worker import Worker, WorkerSpec, build_fitness, load_call
 
 
 def worker_spec(experiment: Experiment) -> WorkerSpec:
-    """The worker spec of an experiment (models, fitness, device, dtype, threads)."""
+    """The worker spec of an experiment (models, fitness, device, dtype, threads, blueprint kind)."""
+    from evomerge.spaces import space_blueprint
+
     return WorkerSpec(
         models=dict(experiment.models),
         base=experiment.base,
@@ -21,6 +23,7 @@ def worker_spec(experiment: Experiment) -> WorkerSpec:
         dtype=experiment.executor.dtype,
         threads=experiment.executor.threads,
         source=experiment.source,
+        blueprint=space_blueprint(experiment.search_space),
     )
 
 

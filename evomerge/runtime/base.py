@@ -13,21 +13,21 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import Blueprint
 
 Split = Literal["validation", "test"]
 
 
 @dataclass(frozen=True)
 class Job:
-    """Materialize ``recipe`` and score it with the fitness of ``split``.
+    """Materialize ``recipe`` (a blueprint of any kind) and score it with the fitness of ``split``.
 
     ``bar`` (a ``fitness.racing.Bar``, plain data) is what the candidate must be able to reach: a
     racing fitness stops scoring it once it cannot.
     """
 
     key: int | str
-    recipe: Recipe
+    recipe: Blueprint
     split: Split = "validation"
     bar: Any | None = None
 

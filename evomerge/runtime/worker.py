@@ -1,8 +1,10 @@
 """A worker: the model pool resident next to one live model, and the fitness built once.
 
-``Worker.start(spec)`` pays every set-up cost once (open the pool, load the skeleton, read the
-tokenizer, build the fitness, i.e. load lm-eval's tasks); ``run(job)`` then costs only the in-place
-merge and the evaluation. A failure inside a job (an exception while merging or scoring) becomes a
+``Worker.start(spec)`` pays every set-up cost once (open the pool, build the materializer of the
+blueprint kind the run produces, read the tokenizer, build the fitness, i.e. load lm-eval's tasks);
+``run(job)`` then costs only materializing the blueprint (a merge in place, a path assembled from
+resident layers: whichever materializer its kind has, see ``evomerge.materialize.registry``) and
+the evaluation. A failure inside a job (an exception while merging or scoring) becomes a
 failed ``Outcome`` with the error text, so one bad candidate never stops a search. The spec is
 plain data so that a remote executor can ship it to each of its workers.
 """
@@ -34,6 +36,8 @@ class WorkerSpec:
     dtype: str = "float32"
     threads: int | None = None
     source: str = "experiment"
+    blueprint: str = "recipe"
+    """The blueprint kind the run's space produces: its materializer is built at start."""
 
 
 def build_fitness(config: FitnessConfig, where: str = "fitness") -> Any:
@@ -75,22 +79,21 @@ def load_callable(reference: str, where: str = "fitness.python") -> tuple[Callab
 class Worker:
     """One resident model pool + live model + fitness; runs jobs one after another."""
 
-    def __init__(self, name: str, spec: WorkerSpec, merger: Any, tokenizer: Any, fitness: Any) -> None:
+    def __init__(self, name: str, spec: WorkerSpec, materializers: Any, fitness: Any) -> None:
         self.name = name
         self.spec = spec
-        self.merger = merger
-        self.tokenizer = tokenizer
+        self.materializers = materializers
+        self._tokenizers: dict[str, Any] = {}
         self._fitness: dict[str, Any] = {"validation": fitness}
 
     @classmethod
     def start(cls, spec: WorkerSpec, name: str = "local") -> Worker:
-        """Open the pool, load the live model and tokenizer, build the validation fitness."""
+        """Open the pool, build the materializer of ``spec.blueprint``, the tokenizer and the validation fitness."""
         import torch
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         from evomerge.devices import usable_device
-        from evomerge.materialize import ResidentMerger
+        from evomerge.materialize import Materializers
         from evomerge.pool import ModelPool
 
         usable_device(spec.device, f"{spec.source}: executor.device")
@@ -99,13 +102,23 @@ class Worker:
         hf_logging.disable_progress_bar()  # a worker loads its model once; the bar is noise in a run's output
         pool = ModelPool.open(dict(spec.models), spec.base)
         try:
-            merger = ResidentMerger.load(pool, device=spec.device, dtype=getattr(torch, spec.dtype))
-            tokenizer = AutoTokenizer.from_pretrained(pool.path(pool.reference))
+            materializers = Materializers(pool, device=spec.device, dtype=getattr(torch, spec.dtype))
+            materializers.prepare(spec.blueprint)
             fitness = build_fitness(spec.fitness, f"{spec.source}: fitness")
+            worker = cls(name, spec, materializers, fitness)
+            worker.tokenizer(pool.reference)
         except BaseException:
             pool.close()
             raise
-        return cls(name, spec, merger, tokenizer, fitness)
+        return worker
+
+    def tokenizer(self, model: str) -> Any:
+        """The tokenizer of pool model ``model`` (read on first use)."""
+        if model not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[model] = AutoTokenizer.from_pretrained(self.materializers.pool.path(model))
+        return self._tokenizers[model]
 
     def fitness(self, split: Split) -> Any:
         """The fitness of ``split``; the held-out one is built on first use (it is needed at the end)."""
@@ -116,15 +129,15 @@ class Worker:
         return self._fitness[split]
 
     def run(self, job: Job) -> Outcome:
-        """Merge ``job.recipe`` into the live model and score it; exceptions become a failed outcome."""
+        """Materialize ``job.recipe`` (any blueprint kind) and score it; exceptions become a failed outcome."""
         started = time.time()
         start = time.perf_counter()
         timings: dict[str, float] = {}
         try:
-            self.merger.apply(job.recipe)
+            model = self.materializers.apply(job.recipe)
             merged = time.perf_counter()
             timings["merge"] = merged - start
-            result = self.fitness(job.split).evaluate(self.merger.model, self.tokenizer, bar=job.bar)
+            result = self.fitness(job.split).evaluate(model, self.tokenizer(job.recipe.tokenizer_source), bar=job.bar)
             timings["evaluate"] = time.perf_counter() - merged
         except Exception as err:  # a candidate's failure, recorded with its error text
             timings["total"] = time.perf_counter() - start
@@ -134,7 +147,8 @@ class Worker:
         return Outcome(job.key, job.split, self.name, started, result, None, timings)
 
     def close(self) -> None:
-        self.merger.pool.close()
+        self.materializers.close()
+        self.materializers.pool.close()
 
 
 def _one_line(err: BaseException) -> str:

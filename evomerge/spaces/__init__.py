@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from evomerge.spaces import dataflow as _dataflow  # noqa: F401  (registers "dataflow")
 from evomerge.spaces import parameter as _parameter  # noqa: F401  (registers "parameter")
 from evomerge.spaces import split_point as _split_point  # noqa: F401  (registers "split_point")
 from evomerge.spaces.base import (
@@ -10,6 +11,7 @@ from evomerge.spaces.base import (
     SearchSpace,
     build_space,
     register_space,
+    space_blueprint,
 )
 from evomerge.validation import read_yaml
 
@@ -19,4 +21,4 @@ def load_space(path: str | Path, pool: PoolInfo) -> SearchSpace:
     return build_space(read_yaml(path), pool, str(path))
 
 
-__all__ = ["SPACES", "PoolInfo", "SearchSpace", "build_space", "load_space", "register_space"]
+__all__ = ["SPACES", "PoolInfo", "SearchSpace", "build_space", "load_space", "register_space", "space_blueprint"]

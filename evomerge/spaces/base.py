@@ -113,18 +113,27 @@ class SearchSpace(ABC):
 
 SpaceFactory = Callable[[Mapping[str, Any], PoolInfo, str], SearchSpace]
 SPACES: dict[str, SpaceFactory] = {}
+SPACE_BLUEPRINTS: dict[str, str] = {}
+"""Space kind -> the kind of blueprint its proposals stand for (what a worker prepares to materialize)."""
 
 
-def register_space(kind: str) -> Callable[[SpaceFactory], SpaceFactory]:
-    """Register a space factory ``(spec dict, pool info, source name) -> SearchSpace`` under ``kind``."""
+def register_space(kind: str, blueprint: str = "recipe") -> Callable[[SpaceFactory], SpaceFactory]:
+    """Register a space factory ``(spec dict, pool info, source name) -> SearchSpace`` under ``kind``,
+    whose proposals are blueprints of kind ``blueprint``."""
 
     def wrap(factory: SpaceFactory) -> SpaceFactory:
         if kind in SPACES:
             raise ValueError(f"search space kind '{kind}' is registered twice")
         SPACES[kind] = factory
+        SPACE_BLUEPRINTS[kind] = blueprint
         return factory
 
     return wrap
+
+
+def space_blueprint(spec: Mapping[str, Any]) -> str:
+    """The blueprint kind of the space ``spec`` describes (``recipe`` for an unknown kind: building it reports that)."""
+    return SPACE_BLUEPRINTS.get(str(spec.get("kind", "parameter")), "recipe")
 
 
 def build_space(spec: Mapping[str, Any], pool: PoolInfo, source: str = "search_space") -> SearchSpace:

@@ -222,7 +222,7 @@ class GramCache:
         return dot_products(flats).numpy()
 
 
-@register_space("split_point")
+@register_space("split_point", blueprint="blend")
 def _split_point_space(spec: Mapping[str, Any], pool: PoolInfo, source: str) -> SearchSpace:
     return SplitPointSpace(validate(SplitPointSpaceSpec, dict(spec), source), pool, source)
 
