@@ -94,7 +94,7 @@ def parse_fitness(data: Any, source: str, field: str = "fitness") -> Any:
     data = dict(data)
     name = data.pop("kind", None)
     if name is None:
-        name = next((kind.name for kind in FITNESS_KINDS.values() if kind.marker and kind.marker in data), DEFAULT_KIND)
+        name = _implied_kind(data)
     if name not in FITNESS_KINDS:
         hint = difflib.get_close_matches(str(name), list(FITNESS_KINDS), n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -106,13 +106,22 @@ def parse_fitness(data: Any, source: str, field: str = "fitness") -> Any:
         raise ConfigError(f"{source}: {field}.{describe_validation_error(err, model)}") from None
 
 
+def _implied_kind(data: Mapping[str, Any]) -> str:
+    """The kind a block without ``kind`` means: the one whose marker key it holds, else the default."""
+    return next((kind.name for kind in FITNESS_KINDS.values() if kind.marker and kind.marker in data), DEFAULT_KIND)
+
+
 def build_fitness(settings: Any, where: str = "fitness") -> Any:
     """The ``Fitness`` of parsed settings of any registered kind."""
     return fitness_kind(settings).build(settings, where)
 
 
 def dump_fitness(settings: Any) -> dict[str, Any]:
-    return fitness_kind(settings).dump(settings)
+    """The settings as data ``parse_fitness`` reads back; ``kind`` only when the keys do not imply it."""
+    data = fitness_kind(settings).dump(settings)
+    if _implied_kind(data) == data["kind"]:
+        del data["kind"]
+    return data
 
 
 @register_fitness("lm_eval")

@@ -47,25 +47,34 @@ def lm_eval_workloads(spec: Any, tokenizer: Any) -> list[Workload]:
                 continue_final_message=not add_generation_prompt,
             )
 
-    def tokens(text: str) -> int:
+    def tokens(text: str) -> tuple[int, ...] | int:
+        """Token ids of ``text`` (its byte count when there is no tokenizer)."""
         if tokenizer is None:
-            return len(text.encode("utf-8")) + 1
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+            return len(text.encode("utf-8"))
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count(encoded: tuple[int, ...] | int) -> int:
+        return encoded if isinstance(encoded, int) else len(encoded)
 
     out = []
     for prepared in {id(t.task): t for t in fitness.tasks}.values():
         task = prepared.task
         task.build_all_requests(apply_chat_template=spec.apply_chat_template, chat_template=template)
-        longest, new_tokens, count, scoring = 1, 0, 0, False
-        for instance in task.instances:
-            count += 1
+        longest, new_tokens, scoring = 1, 0, False
+        rows: set[object] = set()
+        for index, instance in enumerate(task.instances):
             args = instance.arguments
             if instance.request_type == "generate_until":
-                longest = max(longest, tokens(args[0]))
+                longest = max(longest, count(tokens(args[0])) + 1)
                 new_tokens = max(new_tokens, int((args[1] or {}).get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)))
-            else:
-                scoring = True
-                longest = max(longest, sum(tokens(a) for a in args if isinstance(a, str)))
-        out.append(Workload(batch_size=min(spec.batch_size, max(count, 1)), prompt_tokens=longest,
+                rows.add(index)
+                continue
+            scoring = True
+            context, continuation = (args[0], args[1]) if len(args) > 1 else ("", args[0])
+            cont = tokens(continuation)
+            longest = max(longest, count(tokens(context)) + count(cont) + 1)
+            # lm-eval runs requests that differ only in a one-token continuation as one row
+            rows.add((context, cont[:-1]) if isinstance(cont, tuple) else index)
+        out.append(Workload(batch_size=min(spec.batch_size, max(len(rows), 1)), prompt_tokens=longest,
                             new_tokens=new_tokens, all_logits=scoring, name=prepared.name))
     return out

@@ -185,12 +185,14 @@ class MemoryCost:
     """What merging one tensor holds beyond its inputs and output, in bytes per entry of the tensor.
 
     ``cache_per_source``: kept per source across candidates when the caller attaches a cache (task
-    vectors, sorted magnitudes, random keys); ``work_per_source`` and ``work``: held while one
-    call runs without a cache. Memory plans (``evomerge plan``) add these up; the default is a
-    safe bound for an operator that declares nothing (one float32 temporary per source and one more).
+    vectors, sorted magnitudes, random keys), and ``fill`` held for a moment while one source's
+    entry is built (a sort's scratch); ``work_per_source`` and ``work``: held while one call runs
+    without a cache. Memory plans (``evomerge plan``) add these up; the default is a safe bound for
+    an operator that declares nothing (one float32 temporary per source and one more).
     """
 
     cache_per_source: int = 0
+    fill: int = 0
     work_per_source: int = 4
     work: int = 4
 
@@ -198,8 +200,10 @@ class MemoryCost:
         return self.cache_per_source * sources * numel
 
     def work_bytes(self, numel: int, sources: int, cached: bool) -> int:
-        per_source = 0 if cached and self.cache_per_source else self.work_per_source
-        return (per_source * sources + self.work) * numel
+        """The most a call holds besides inputs, output and cache (a cached call: while filling it)."""
+        if cached and self.cache_per_source:
+            return (self.fill + self.work) * numel
+        return (self.work_per_source * sources + self.work) * numel
 
 
 OperatorFn = Callable[[TensorInputs, Params, "torch.Tensor | None"], torch.Tensor]

@@ -241,11 +241,12 @@ def _register(name: str, method: TaskVectorMethod, doc: str) -> None:
     stochastic = method.sparsify in ("bernoulli", "della")
     blockwise = method.sparsify != "della"
     # per source: the task vector (4 bytes/entry); sorted magnitudes and their order (8) for a
-    # magnitude window, random keys (4) for DARE, keys and ranks (8) for DELLA. Without a cache a
-    # magnitude window is found by streamed selection (no per-entry memory), the rest is held.
-    extra = {"none": (0, 0), "magnitude": (8, 0), "breadcrumbs": (8, 0), "bernoulli": (4, 4), "della": (8, 8)}
-    cached, uncached = extra[method.sparsify]
-    memory = MemoryCost(cache_per_source=4 + cached, work_per_source=4 + uncached, work=0)
+    # magnitude window, random keys (4) for DARE, keys and ranks (8) for DELLA. Sorting scratch
+    # while a cache entry is built: |τ|, int64 indices, the sort's own buffers (measured ~20).
+    # Without a cache a magnitude window is found by streamed selection (no per-entry memory).
+    extra = {"none": (0, 0, 0), "magnitude": (8, 20, 0), "breadcrumbs": (8, 20, 0), "bernoulli": (4, 0, 4), "della": (8, 20, 8)}
+    cached, fill, uncached = extra[method.sparsify]
+    memory = MemoryCost(cache_per_source=4 + cached, fill=fill, work_per_source=4 + uncached, work=0)
     register_operator(
         name,
         shared=shared,

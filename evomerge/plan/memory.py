@@ -30,10 +30,10 @@ from evomerge.fitness.workload import Workload
 from evomerge.runtime.registry import PLACEMENTS
 from evomerge.sizes import format_size
 
-RUNTIME_HOST = 600 * 1024**2
+RUNTIME_HOST = 512 * 1024**2
 """Python with torch, transformers, lm-eval and evomerge imported, a worker's tokenizer and tasks
 loaded (measured on CPU: ``tests/test_plan.py`` checks it)."""
-COMPILER_HOST = 300 * 1024**2
+COMPILER_HOST = 96 * 1024**2
 """torch.compile's Inductor and the fused merge kernels it builds (CPU workers merging by sign consensus)."""
 CUDA_CONTEXT = 600 * 1024**2
 """A CUDA context and the kernels it loads (cuBLAS and its workspace): an estimate, not measured here."""
