@@ -113,12 +113,9 @@ class StoredSources(SourceTensors):
 
     def get(self, model: str, name: str, role: str) -> torch.Tensor:
         held = self._tensors[model][name]
-        out = self._buffers.get(role, held.shape)
-        if held.device != self.device:  # streamed to a GPU: one copy over the bus, then the upcast there
-            transfer = self._buffers.get("transfer", held.shape, held.dtype)
-            transfer.copy_(held, non_blocking=True)
-            held = transfer
-        return out.copy_(held)
+        # streamed to a GPU: the stored bytes cross the bus (from pinned memory, asynchronously on
+        # the current stream, so the merge that reads the buffer waits for them) and are upcast there
+        return self._buffers.get(role, held.shape).copy_(held, non_blocking=True)
 
     @property
     def nbytes(self) -> int:

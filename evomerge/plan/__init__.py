@@ -53,6 +53,17 @@ def operators_of(recipe: Mapping[str, Any] | None, shape: PoolShape) -> tuple[di
     return {t.name: planner.plan(t.name, t.layer, t.kind).operator for t in shape.tensors}, len(parsed.source_names)
 
 
+def space_recipe(experiment: Experiment, shape: PoolShape) -> dict[str, Any] | None:
+    """The recipe the experiment's space starts from, as data (None for spaces of blends); the space
+    is built from the shapes, so models described by a config alone do."""
+    from evomerge.spaces.base import PoolInfo, build_space
+
+    order = tuple((t.name, t.numel) for t in shape.tensors)
+    space = build_space(experiment.search_space, PoolInfo(experiment.models, experiment.base, shape.num_layers, order),
+                        f"{experiment.source}: search_space")
+    return None if space.derives else space.decode(space.initial_genome()).model_dump(mode="json")
+
+
 def workloads_of(fitness: Any, shape: PoolShape) -> list[Workload]:
     """What the fitness's evaluation asks of memory, measured with the reference model's tokenizer
     when it has one (else token counts are bounded by the prompts' UTF-8 bytes)."""
@@ -85,9 +96,7 @@ def plan_experiment(
     settings = experiment.executor
     shape = read_pool_shape(experiment.models, experiment.base)
     if recipe is None:
-        from evomerge.runtime import experiment_recipe
-
-        recipe = experiment_recipe(experiment)
+        recipe = space_recipe(experiment, shape)
     operators, sources = operators_of(recipe, shape)
     if workloads is None:
         workloads = workloads_of(experiment.fitness, shape)

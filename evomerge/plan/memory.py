@@ -72,7 +72,11 @@ class WorkerPlan:
     cache_budget: int
     cached_tensors: int
     tensors: int
+    cache_explicit: bool = False
+    over: str | None = None
+    """The memory ('device' or 'host') the plan overflows, None when it fits."""
     problem: str | None = None
+    """Why it does not fit, in one line naming the part and what would fit instead."""
     alternatives: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -93,7 +97,7 @@ class WorkerPlan:
 
     @property
     def fits(self) -> bool:
-        return self.problem is None
+        return self.over is None
 
     def part(self, key: str) -> Part:
         return next(p for p in self.parts if p.key == key)
@@ -211,6 +215,7 @@ def _parts(
     if placement == "resident":
         staging, what = out, "a float32 output buffer" if out else "none (float32 output written in place)"
     else:
+        # a host-to-device copy_ with a dtype change stages the stored bytes on the device first
         copy = largest * max((t.stored[m].itemsize for t in shape.tensors for m in shape.names), default=4)
         transfer = copy if placement == "streamed" and device_type == "cuda" else 0
         staging = 4 * largest * models + out + transfer
@@ -265,8 +270,9 @@ def plan_worker(
     }
     if placement != "auto":
         chosen = plans[placement]
-    else:
-        chosen = next((p for p in plans.values() if p.fits), plans["streamed"])
+    else:  # the first that fits with every cache it wants, else the first that fits at all
+        fitting = [p for p in plans.values() if p.fits]
+        chosen = next((p for p in fitting if p.cache_budget >= p.cache_wanted), fitting[0] if fitting else plans["streamed"])
     chosen.alternatives = alternatives
     if not chosen.fits:
         chosen.problem = _refusal(chosen, plans, shape, workloads, placement)
@@ -295,9 +301,9 @@ def _plan_one(
     chosen_by: str,
 ) -> WorkerPlan:
     parts = _parts(shape, device=device, dtype=dtype, placement=placement, workloads=workloads, fused=fused)
-    plan = WorkerPlan(device, dtype, placement, chosen_by, parts, capacity, 0, 0, 0, len(costs))
-    base_work = max((w for _, _, w, _ in costs), default=0)
-    # the merge's working memory is at most the uncached one: reserve it, give the caches the rest
+    plan = WorkerPlan(device, dtype, placement, chosen_by, parts, capacity, 0, 0, 0, len(costs), cache_memory is not None)
+    base_work = max((max(uncached, cached) for _, _, uncached, cached in costs), default=0)
+    # reserve the largest working memory a merge call may need, give the caches the rest
     memory = "host" if plan.on_cpu else "device"
     limit = plan.limit(memory)
     if cache_memory is not None:
@@ -315,7 +321,7 @@ def _plan_one(
     for where in ("device", "host"):
         limit = plan.limit(where)
         if limit is not None and plan.total(where) > limit:
-            plan.problem = where
+            plan.over = where
     return plan
 
 
@@ -323,7 +329,7 @@ def _refusal(
     plan: WorkerPlan, plans: Mapping[str, WorkerPlan], shape: PoolShape, workloads: Sequence[Workload], asked: str
 ) -> str:
     """One line: the part that does not fit, where, and what would fit instead."""
-    where = plan.problem or "device"
+    where = plan.over or "device"
     memory = "the host" if where == "host" or plan.on_cpu else f"the device ({plan.device})"
     limit = plan.limit(where) or 0
     parts = [p for p in plan.parts if (plan.on_cpu or p.where == where) and p.bytes]
@@ -340,8 +346,11 @@ def _option(plan: WorkerPlan, plans: Mapping[str, WorkerPlan], shape: PoolShape,
         for name, other in plans.items():
             if other.fits:
                 return f"executor.placement: {name} would fit"
-    where = plan.problem or "device"
+    where = plan.over or "device"
     over = plan.total(where) - (plan.limit(where) or 0)
+    caches = plan.part("caches").bytes
+    if plan.cache_explicit and caches >= over:
+        return f"executor.cache_memory: {format_size(max(0, caches - over))} (or auto) would fit"
     if plan.dtype == "float32" and plan.part("merged").bytes // 2 >= over:
         return "executor.dtype: bfloat16 would fit (the merged model in half the memory)"
     evaluation = plan.part("evaluation")

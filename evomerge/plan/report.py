@@ -82,7 +82,7 @@ def _report(source: str, kind: str, name: str, plan: WorkerPlan, shape: PoolShap
 
 def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
     """The plan as a table: each part, where it lives, its size; totals against what is available."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, width=max(Console().width, 132))
     on_cpu = report["device_bytes"] is None
     params = next(iter(report["models"].values()))["parameters"]
     console.print(f"[bold]{report['name']}[/bold] ({report['kind']} {report['file']}): one worker on "
