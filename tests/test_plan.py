@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,15 +187,18 @@ def test_run_refuses_a_plan_that_does_not_fit_before_creating_anything(pico_fami
 # -- the plan against measured peak memory ------------------------------------------------------
 
 
-def probe(family: dict[str, Path], method: str, executor: dict, fitness: dict) -> dict:
-    """Run ``tests/plan_probe.py``: a worker started and two candidates merged and scored in a fresh process."""
+def probe(family: dict[str, Path], method: str, executor: dict, fitness: dict, fused: str = "off") -> dict:
+    """Run ``tests/plan_probe.py``: a worker started and two candidates merged and scored in a fresh
+    process (fused kernels off unless asked: compiling them takes a minute here; what they cost is
+    one constant of the plan, ``COMPILER_HOST``, checked by one probe)."""
     first = recipe(family, method)
     second = json.loads(json.dumps(first))
     second["model_parameters"]["expert_1"]["weight"] = 0.5
     job = {"models": first["models"], "base": "base", "recipes": [first, second], "fitness": fitness,
            "executor": {"threads": 1, **executor}}
+    env = {**os.environ, "EVOMERGE_FUSED_KERNELS": fused}
     out = subprocess.run([sys.executable, str(REPO / "tests" / "plan_probe.py")], input=json.dumps(job),
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["errors"] == []
@@ -217,13 +221,13 @@ def test_plan_of_a_pico_worker_is_its_peak_memory(pico_family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "executor", "fitness"), [
-    ("ties", {"placement": "compact", "dtype": "bfloat16", "cache_memory": "800MB"}, lm_fitness(32, "zoo_add_b")),
-    ("dare_ties", {"placement": "resident", "dtype": "float32"}, lm_fitness(32, "zoo_add_b")),
-    ("linear", {"placement": "streamed", "dtype": "bfloat16"}, lm_fitness(100, "zoo_add_b_mc", "zoo_qa_b")),
-], ids=["ties-compact-bounded-caches", "dare_ties-resident", "linear-streamed-scoring"])
-def test_plan_of_a_100m_worker_is_its_peak_memory(family_100m, method, executor, fitness):
-    result = probe(family_100m, method, {"device": "cpu", **executor}, fitness)
+@pytest.mark.parametrize(("method", "executor", "fitness", "fused"), [
+    ("ties", {"placement": "compact", "dtype": "bfloat16", "cache_memory": "800MB"}, lm_fitness(32, "zoo_add_b"), "off"),
+    ("dare_ties", {"placement": "resident", "dtype": "float32"}, lm_fitness(32, "zoo_add_b"), "auto"),
+    ("linear", {"placement": "streamed", "dtype": "bfloat16"}, lm_fitness(100, "zoo_add_b_mc", "zoo_qa_b"), "off"),
+], ids=["ties-compact-bounded-caches", "dare_ties-resident-fused", "linear-streamed-scoring"])
+def test_plan_of_a_100m_worker_is_its_peak_memory(family_100m, method, executor, fitness, fused):
+    result = probe(family_100m, method, {"device": "cpu", **executor}, fitness, fused)
     plan = result["plan"]
     assert plan["placement"] == executor["placement"]
     assert plan["host_bytes"] == pytest.approx(result["peak"], rel=0.15)

@@ -57,6 +57,7 @@ from evomerge.merge.sparsify import (
     sort_magnitudes,
     window_from_blocks,
     window_from_sorted,
+    window_from_values,
 )
 
 SPARSIFY_METHODS = ("none", "magnitude", "bernoulli", "breadcrumbs", "della")
@@ -168,7 +169,9 @@ def _sparsifier(
     if inputs.cache is not None:
         sorted_abs, order = inputs.cached(f"sorted_abs{i}", lambda: sort_magnitudes(tau))
         window = window_from_sorted(sorted_abs, order, lo, hi)
-    else:  # streamed selection: no copy of the tensor (a memory plan may have left no room for one)
+    elif n <= BLOCK_CHUNKS * chunk_size(tau.device):  # small: selection on a copy costs less than histograms
+        window = window_from_values(tau.abs(), lo, hi)
+    else:  # streamed selection: no copy of a large tensor (a memory plan may have left no room for one)
         window = window_from_blocks(functools.partial(_blocks, tau), n, lo, hi)
     scale = l1_rescale(tau, window) if rescale and not window.keeps_all else 1.0
     return KeepWindow(window, scale)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.fused import MIN_NUMEL
+from evomerge.merge.fused import MIN_NUMEL, switched_on
 from evomerge.merge.registry import OperatorSpec
 from evomerge.plan.capacity import Capacity
 from evomerge.plan.shapes import Dimensions, PoolShape
@@ -257,7 +257,7 @@ def plan_worker(
     ``operators``: the operator of each tensor (from a recipe of the search space), None for
     blends; ``sources``: how many source models an operator merges (the base not counted).
     """
-    fused = bool(operators) and largest_consensus(shape, operators) >= MIN_NUMEL
+    fused = switched_on() and bool(operators) and largest_consensus(shape, operators) >= MIN_NUMEL
     costs = _tensor_costs(shape, operators, sources)
     plans = {
         name: _plan_one(shape, costs, device=device, dtype=dtype, placement=name, cache_memory=cache_memory,
