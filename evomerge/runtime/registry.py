@@ -142,6 +142,7 @@ def parse_executor(data: Mapping[str, Any] | ExecutorSettings | None, source: st
 
 
 def with_kind(settings: ExecutorSettings, kind: str, **updates: Any) -> ExecutorSettings:
-    """``settings`` moved to executor ``kind`` (the shared settings kept), with ``updates`` applied."""
-    shared = settings.model_dump(include=set(ExecutorSettings.model_fields))
-    return parse_executor({**shared, "kind": kind, **updates}, "executor")
+    """``settings`` moved to executor ``kind`` (every setting that kind has kept), with ``updates`` applied."""
+    target = get_executor(kind).Settings
+    kept = settings.model_dump(include=set(target.model_fields), exclude_unset=False)
+    return parse_executor({**kept, "kind": kind, **updates}, "executor")
