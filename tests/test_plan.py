@@ -100,20 +100,23 @@ def test_evaluation_is_kv_cache_plus_one_layer_plus_logits():
     assert evaluation_bytes(dims, scoring, 2, "cpu") - evaluation_bytes(dims, scoring, 2, "cuda") >= 8 * 32 * 512 * 512 * 4 - mlp
 
 
-def test_the_plan_picks_the_first_placement_that_fits(bf16_family):
-    resident, _ = plan_for(bf16_family, device="cuda", capacity=Capacity(64 * GiB, 64 * GiB, "test", "test"))
-    assert resident.placement == "resident" and resident.chosen_by == "plan"
-    need = {name: alt["device_bytes"] for name, alt in resident.alternatives.items()}
+def test_the_plan_keeps_sources_on_the_device_with_the_most_caches(bf16_family):
+    def plan(room, **kw):
+        return plan_for(bf16_family, device="cuda", capacity=Capacity(room, 64 * GiB, "test", "test"), **kw)[0]
+
+    roomy = plan(64 * GiB)
+    assert roomy.placement == "resident" and roomy.chosen_by == "plan"  # every cache fits either way: no conversions
+    need = {name: alt["device_bytes"] for name, alt in roomy.alternatives.items()}
     assert need["resident"] > need["compact"] > need["streamed"]
-    # room for compact with every cache, not for resident: compact; less: streamed
-    room = int((need["compact"] + need["resident"]) / 2 / (1 - RESERVE))
-    assert plan_for(bf16_family, device="cuda", capacity=Capacity(room, 64 * GiB, "test", "test"))[0].placement == "compact"
-    room = int((need["streamed"] + need["compact"]) / 2 / (1 - RESERVE))
-    streamed, _ = plan_for(bf16_family, device="cuda", capacity=Capacity(room, 64 * GiB, "test", "test"))
-    assert streamed.placement == "streamed" and streamed.fits
+    # resident fits with fewer caches than compact: compact
+    squeezed = plan(int((need["compact"] + need["resident"]) / 2 / (1 - RESERVE)))
+    assert squeezed.placement == "compact" and squeezed.cache_budget >= squeezed.cache_wanted
+    # neither resident nor compact fits even without caches: streamed
     bare = {name: alt["device_bytes"] for name, alt in plan_for(bf16_family, device="cuda", cache=0)[0].alternatives.items()}
-    room = int((bare["streamed"] + bare["compact"]) / 2 / (1 - RESERVE))  # compact does not fit even without caches
-    named, _ = plan_for(bf16_family, placement="compact", device="cuda", capacity=Capacity(room, 64 * GiB, "test", "test"))
+    room = int((bare["streamed"] + bare["compact"]) / 2 / (1 - RESERVE))
+    streamed = plan(room)
+    assert streamed.placement == "streamed" and streamed.fits
+    named = plan(room, placement="compact")
     assert not named.fits and named.chosen_by == "experiment"
     assert "compact placement needs" in named.problem and named.problem.endswith("executor.placement: streamed would fit")
 

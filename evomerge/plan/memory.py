@@ -3,10 +3,13 @@
 A worker holds the source models (where its placement puts them), one merged model, the merge
 operators' caches, what a merge call and an evaluation batch hold while they run, and the runtime
 itself (Python, torch and the libraries; a CUDA context). ``plan_worker`` adds them up from shapes
-alone, for each placement, and picks the first placement that fits (``resident``, then
-``compact``, then ``streamed``) unless the experiment names one. Caches are optional: they get
-what is left (or ``cache_memory``), tensor by tensor in the order the merger visits them, and a
-tensor without one is merged from scratch (TIES by streamed selection).
+alone, for each placement. Caches are optional: they get what is left (or ``cache_memory``),
+tensor by tensor in the order the merger visits them, and a tensor without one is merged from
+scratch (TIES by streamed selection). Unless the experiment names a placement, the plan keeps the
+sources on the device when they fit there, choosing between ``resident`` and ``compact`` the one
+that leaves the caches more room (``resident`` on a tie: no conversion per candidate) — an
+uncached TIES or DARE tensor costs more than converting its inputs — and streams them from host
+memory only when neither fits (each candidate then copies every input over the bus).
 
 The arithmetic mirrors the code that allocates: ``ResidentMerger`` (sources, staging buffers,
 caches), the operators' declared ``MemoryCost``, and a decoder's forward pass for evaluation (the
@@ -203,14 +206,13 @@ def _parts(
     parts = []
     stored = sum(shape.stored_bytes(m) for m in shape.names)
     stored_names = sorted({str(t.stored[m]).removeprefix("torch.") for t in shape.tensors for m in shape.names})
+    on = "in memory" if device_type == "cpu" else "on the device"
     if placement == "resident":
-        parts.append(Part("sources", "sources", "device", 4 * params * models,
-                          f"{models} models × {params / 1e6:,.1f} M parameters, float32 on the device"))
+        parts.append(Part("sources", "sources", "device", 4 * params * models, f"{models} models in float32 {on}"))
     else:
         where = "host" if placement == "streamed" else "device"
-        pinned = " (pinned)" if placement == "streamed" and device_type == "cuda" else ""
-        parts.append(Part("sources", "sources", where, stored,
-                          f"{models} models × {params / 1e6:,.1f} M parameters, {'/'.join(stored_names)} in {where} memory{pinned}"))
+        on = on if where == "device" else "in host memory" + (" (pinned)" if device_type == "cuda" else "")
+        parts.append(Part("sources", "sources", where, stored, f"{models} models as stored ({'/'.join(stored_names)}) {on}"))
     out = 4 * largest if dtype != "float32" else 0
     if placement == "resident":
         staging, what = out, "a float32 output buffer" if out else "none (float32 output written in place)"
@@ -270,9 +272,12 @@ def plan_worker(
     }
     if placement != "auto":
         chosen = plans[placement]
-    else:  # the first that fits with every cache it wants, else the first that fits at all
-        fitting = [p for p in plans.values() if p.fits]
-        chosen = next((p for p in fitting if p.cache_budget >= p.cache_wanted), fitting[0] if fitting else plans["streamed"])
+    else:  # on the device if it fits there, with the most caches (the earlier on a tie); else streamed
+        fitting = [p for p in plans.values() if p.fits and p.placement != "streamed"]
+        if fitting:
+            chosen = max(fitting, key=lambda p: (p.part("caches").bytes, -PLACEMENTS.index(p.placement)))
+        else:
+            chosen = plans["streamed"]
     chosen.alternatives = alternatives
     if not chosen.fits:
         chosen.problem = _refusal(chosen, plans, shape, workloads, placement)

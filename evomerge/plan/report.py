@@ -80,15 +80,31 @@ def _report(source: str, kind: str, name: str, plan: WorkerPlan, shape: PoolShap
     }
 
 
+def count(n: int) -> str:
+    """A parameter count for people: 7.24 B, 113 M, 98 K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
 def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
     """The plan as a table: each part, where it lives, its size; totals against what is available."""
     console = console or Console(highlight=False, width=max(Console().width, 132))
     on_cpu = report["device_bytes"] is None
     params = next(iter(report["models"].values()))["parameters"]
     console.print(f"[bold]{report['name']}[/bold] ({report['kind']} {report['file']}): one worker on "
-                  f"{report['device']} ({report['dtype']}), {len(report['models'])} models × {params / 1e6:,.1f} M parameters")
-    fits = ", ".join(f"{name} {'fits' if alt['fits'] else 'does not fit'}" for name, alt in report["placements"].items())
-    console.print(f"placement: [bold]{report['placement']}[/bold] (chosen by the {report['chosen_by']}; {fits})")
+                  f"{report['device']} ({report['dtype']}), {len(report['models'])} models × {count(params)} parameters")
+    where = "host" if on_cpu else "device"
+    known = report[f"{where}_available"] is not None
+    options = "; ".join(
+        f"{name} {format_size(alt[f'{where}_bytes'])}" + ("" if on_cpu else f" + host {format_size(alt['host_bytes'])}")
+        + ("" if not known else " (fits)" if alt["fits"] else " (does not fit)")
+        for name, alt in report["placements"].items()
+    )
+    chosen = f"chosen by the {report['chosen_by']}" if known or report["chosen_by"] == "experiment" else \
+        "if every placement fitted: each worker picks at start-up from its own memory"
+    console.print(f"placement: [bold]{report['placement']}[/bold] ({chosen}) — {options}")
     table = Table(show_edge=False, pad_edge=False)
     for column, justify in (("part", "left"), ("where", "left"), ("size", "right"), ("", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
