@@ -5,8 +5,9 @@ parameters (TinyLlama's shape: hidden 2048, 22 layers, MLP 5632, 4 KV heads, 32,
 bfloat16 on disk, written tensor by tensor (never a whole model in memory) — then, for each
 placement and method, starts a fresh process that loads a ``ResidentMerger`` as a search worker
 does (bfloat16 live model, the placement, the cache budget the worker's memory plan gives it, or
-none) and merges candidates that change every tensor: the first fills caches ("cold"), the mean of
-the next ones is the per-candidate time. It prints
+none with ``--uncached``) and merges candidates that change every tensor: the first fills caches
+("cold"), the best of the next ones is the per-candidate time (the least disturbed by other
+processes on a shared machine). A configuration the plan says does not fit is not run. It prints
 
 - the time as a ratio to the copy-bandwidth ideal: the bytes a merge cannot avoid moving (each input
   read once in its stored bfloat16, the output written once in bfloat16) at the copy bandwidth
@@ -129,6 +130,8 @@ def measure(job: dict) -> dict:
     plan = plan_worker(shape, device="cpu", dtype="bfloat16", placement=job["placement"], cache_memory=cache,
                        operators=operators, sources=sources, workloads=[],
                        capacity=Capacity(None, job["memory"], "host", "--memory"))
+    if not plan.fits:  # never load what the plan says does not fit: the machine is shared
+        return {"refused": plan.problem}
     start = time.perf_counter()
     merger = ResidentMerger.load(pool, dtype=torch.bfloat16, placement=job["placement"], cache_bytes=plan.cache_budget)
     load = time.perf_counter() - start
@@ -142,7 +145,7 @@ def measure(job: dict) -> dict:
     params = shape.parameters()
     inputs = 2 if job["method"] == "linear" else 3
     return {
-        "load": load, "cold": times[0], "warm": sum(times[1:]) / len(times[1:]), "bandwidth": copy_bandwidth(),
+        "load": load, "cold": times[0], "warm": min(times[1:]), "bandwidth": copy_bandwidth(),
         "ideal_bytes": (inputs * 2 + 2) * params, "params": params,
         "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "plan": plan.total("host"), "cached": f"{plan.cached_tensors}/{plan.tensors}",
@@ -155,9 +158,10 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=1.1e9, help="parameters per model (default 1.1e9)")
     parser.add_argument("--methods", default="linear,ties,dare_ties")
     parser.add_argument("--placements", default=",".join(PLACEMENTS))
-    parser.add_argument("--candidates", type=int, default=3, help="candidates merged per configuration (first = cold)")
+    parser.add_argument("--candidates", type=int, default=3, help="candidates merged per configuration (first: cold; best of the rest)")
+    parser.add_argument("--uncached", action="store_true", help="also merge TIES and DARE-TIES without caches (slow on a CPU)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--memory", default=None, help="memory the plans may use, e.g. 18GB (default: available now)")
+    parser.add_argument("--memory", default=None, help="memory the plans may use, e.g. 18GB (default: 75%% of what is available now)")
     parser.add_argument("--keep", default=None, help="build (or reuse) the family in this folder and keep it")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,7 +172,7 @@ def main() -> None:
     from evomerge.plan.capacity import host_available
     from evomerge.sizes import parse_size
 
-    memory = parse_size(args.memory) if args.memory else host_available()
+    memory = parse_size(args.memory) if args.memory else int(0.75 * host_available())  # leave the others room
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="evomerge-placement-"))
     try:
         if (root / "code" / "config.json").is_file():
@@ -177,11 +181,13 @@ def main() -> None:
             start = time.perf_counter()
             models = build_family(root, args.params)
             print(f"built the family in {time.perf_counter() - start:.0f} s: {root}")
+        print(f"plans may use {memory / 1024**3:.1f} GiB")
+        last: dict = {}
         print(f"{'method':<10} {'placement':<9} {'caches':<7} {'cached':>7} {'cold s':>7} {'s/cand':>7} {'ideal s':>7} "
               f"{'ratio':>6} {'peak GiB':>8} {'plan GiB':>8}", flush=True)
         for method in args.methods.split(","):
             for placement in args.placements.split(","):
-                for cache in ("auto", "0") if method != "linear" else ("auto",):
+                for cache in ("auto", "0") if method != "linear" and args.uncached else ("auto",):
                     job = {"models": models, "method": method, "placement": placement, "cache": cache,
                            "candidates": args.candidates, "threads": args.threads, "memory": memory}
                     out = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True)
@@ -189,11 +195,17 @@ def main() -> None:
                         print(f"{method:<10} {placement:<9} {cache:<7} failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
                         continue
                     r = json.loads(out.stdout.strip().splitlines()[-1])
+                    if "refused" not in r:
+                        last = r
+                    if "refused" in r:
+                        print(f"{method:<10} {placement:<9} {cache:<7} not run, the plan says: {r['refused']}", flush=True)
+                        continue
                     ideal = r["ideal_bytes"] / r["bandwidth"]
                     print(f"{method:<10} {placement:<9} {cache:<7} {r['cached']:>7} {r['cold']:7.2f} {r['warm']:7.2f} {ideal:7.3f} "
                           f"{r['warm'] / ideal:6.1f} {r['peak'] / 1024**3:8.2f} {r['plan'] / 1024**3:8.2f}", flush=True)
-        print(f"params per model {r['params'] / 1e9:.2f} B; copy bandwidth {r['bandwidth'] / 1e9:.1f} GB/s; "
-              f"{os.cpu_count()} CPUs, {args.threads} threads")
+        load = os.getloadavg()[0]
+        print(f"params per model {last['params'] / 1e9:.2f} B; copy bandwidth {last['bandwidth'] / 1e9:.1f} GB/s; "
+              f"{os.cpu_count()} CPUs, {args.threads} threads; load average {load:.1f} at the end")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -87,11 +87,17 @@ class ResidentMerger:
         placement: str = "resident",
         cache_bytes: int | None = None,
     ) -> ResidentMerger:
-        """Instantiate the reference model once as the skeleton and hold the pool per ``placement``."""
+        """Instantiate the reference model once as the skeleton and hold the pool per ``placement``.
+
+        On an accelerator the skeleton is loaded straight onto it (``device_map``), so the host never
+        holds a whole copy of it.
+        """
+        on_device = {"device_map": {"": str(device)}} if torch.device(device).type != "cpu" else {}
         model = AutoModelForCausalLM.from_pretrained(
             pool.path(pool.reference),
             dtype=dtype or torch.float32,
             trust_remote_code=trust_remote_code,
+            **on_device,
         )
         model.to(device).eval()
         return cls(pool, model, device, placement=placement, cache_bytes=cache_bytes)
