@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +17,14 @@ from pathlib import Path
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '1.5GiB' or a byte count → bytes (powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got '{text}'")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** " KMGT".index(unit or " "))
+    from evomerge.sizes import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -79,6 +76,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
     )
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from evomerge.plan.report import plan_file, print_plan
+
+    report = plan_file(args.experiment, device_memory=args.device_memory, host_memory=args.host_memory)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_plan(report)
+    return 0 if report["fits"] else 1
 
 
 def _cmd_space(args: argparse.Namespace) -> int:
@@ -222,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--ray-address", default=None, help="continue on this Ray cluster ('auto', 'ray://host:10001')")
     resume.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
     resume.set_defaults(func=_cmd_resume)
+
+    plan = commands.add_parser("plan", parents=[debug], help="memory of one worker: each part vs the device and host (exit 1: does not fit)")
+    plan.add_argument("experiment", help="experiment YAML (or a recipe, planned as an in-memory merge)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output (fields in the README)")
+    plan.add_argument("--device-memory", type=parse_size, default=None, help="the worker device's memory, e.g. 80GB (default: queried)")
+    plan.add_argument("--host-memory", type=parse_size, default=None, help="the worker host's memory, e.g. 512GB (default: queried)")
+    plan.set_defaults(func=_cmd_plan)
 
     space = commands.add_parser("space", parents=[debug], help="an experiment's search space: genes and a decoded recipe")
     space.add_argument("experiment", help="experiment YAML")

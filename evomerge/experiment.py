@@ -13,13 +13,13 @@ Example (``experiments/demo.yaml``)::
     search_space: ../search_spaces/task-arithmetic-per-layer.yaml   # or an inline mapping
     strategy: {name: cmaes, settings: {sigma0: 0.25}}
     objectives: [fitness]                # optional; the weighted aggregate by default
-    fitness:                             # an lm-eval FitnessSpec, or {python: file.py:fn} for tests
+    fitness:                             # a fitness kind: lm-eval tasks, or {python: file.py:fn} (evomerge.fitness.kinds)
       include_path: ../fitness
       limit: 100
       tasks: [{task: zoo_add_b}]
     heldout: {limit: null}               # optional: the same fitness on the test split, at the end
     budget: {evaluations: 200, minutes: null}
-    executor: {kind: local, device: cpu, dtype: float32}
+    executor: {kind: local, device: cpu, dtype: float32}   # a registered executor and its settings (evomerge.runtime)
     checkpoint_every: 10
     run_dir: null                        # default: runs/<name> under the current directory
 
@@ -45,22 +45,29 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
+    SerializeAsAny,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.fitness.kinds import (  # noqa: F401  (CallableFitnessConfig: re-exported)
+    CallableFitnessConfig,
+    FitnessConfig,
+    dump_fitness,
+    parse_fitness,
+)
 from evomerge.fitness.spec import AGGREGATE, FitnessSpec
 from evomerge.pool.sources import Reference, ResolvedSource, resolve_source
-from evomerge.validation import PathText, describe_validation_error, path_text, read_yaml, validate
+from evomerge.runtime.registry import ExecutorSettings, parse_executor
+from evomerge.validation import PathText, read_yaml, validate
 
 ZOO_ENV = "EVOMERGE_ZOO"
 DEFAULT_ZOO_DIR = ".cache/zoo"
@@ -99,69 +106,6 @@ class BudgetConfig(_Strict):
         if self.evaluations is None and self.minutes is None:
             raise ValueError("expected evaluations and/or minutes")
         return self
-
-
-RAY_ONLY = ("address", "workers", "num_cpus", "num_gpus", "worker_cpus", "worker_gpus", "max_retries")
-
-
-class ExecutorConfig(_Strict):
-    kind: Literal["local", "ray"] = "local"
-    device: str = Field(default="cpu", description="torch device of each worker's resident model")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    threads: int | None = Field(default=None, ge=1, le=1024, description="torch intra-op threads; null = torch's default")
-    address: str | None = Field(default=None, description="ray: 'auto', 'ray://host:10001' or host:port; null = a local instance")
-    workers: int | None = Field(default=None, ge=1, description="ray: worker actors; null = one per GPU (or per CPU slot)")
-    num_cpus: int | None = Field(default=None, ge=1, description="ray: CPUs of a local instance (null = all)")
-    num_gpus: int | None = Field(default=None, ge=0, description="ray: GPUs of a local instance (null = all)")
-    worker_cpus: float = Field(default=1.0, gt=0, description="ray: CPUs each worker actor reserves")
-    worker_gpus: float | None = Field(default=None, ge=0, description="ray: GPUs per worker; null = 1 for a cuda device, else 0")
-    max_retries: int = Field(default=2, ge=0, description="ray: re-runs of a candidate whose worker died")
-    reproducible: bool = Field(
-        default=False,
-        description="results told in ticket order, proposals only once determined: any number of workers gives the local run",
-    )
-
-    @model_validator(mode="after")
-    def _ray_fields_need_ray(self) -> ExecutorConfig:
-        if self.kind != "ray":
-            for name in RAY_ONLY:
-                if getattr(self, name) != type(self).model_fields[name].default:
-                    raise ValueError(f"{name}: only used with kind: ray (kind is {self.kind!r})")
-        return self
-
-    @field_validator("device")
-    @classmethod
-    def _torch_device(cls, value: str) -> str:
-        import torch
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"expected a torch device such as cpu, cuda or cuda:1, got {value!r}") from None
-        return value
-
-
-class CallableFitnessConfig(_Strict):
-    """A Python function ``fn(model, tokenizer)`` as the fitness (tests, non-LLM scorers).
-
-    It is identified by its name, its module file's content and ``version``: bump ``version`` when
-    a helper it imports from another module changes what it measures."""
-
-    python: str = Field(description="'package.module:function' or 'path/to/file.py:function'")
-    weights: dict[str, float] | None = None
-    directions: dict[str, Literal["maximize", "minimize"]] | None = None
-    version: str | None = Field(default=None, description="your version of the function and what it imports")
-
-    @field_validator("python")
-    @classmethod
-    def _reference(cls, value: str) -> str:
-        if not _PYTHON_REF.match(value):
-            raise ValueError(f"expected 'module:function' or 'file.py:function', got {value!r}")
-        path_text(value.rsplit(":", 1)[0])
-        return value
-
-
-FitnessConfig = FitnessSpec | CallableFitnessConfig
 
 
 def _folder_name(value: str) -> str:
@@ -225,7 +169,7 @@ class ExperimentFile(_Strict):
         default=None, description="true, or overrides of the fitness for the held-out evaluation (split: test)"
     )
     budget: BudgetConfig | None = None
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    executor: dict[str, Any] = Field(default_factory=dict, description="kind (local, ray, ...) and that executor's settings")
     checkpoint_every: int = Field(default=10, ge=1)
     run_dir: PathText | None = None
     stages: list[StageConfig] | None = Field(default=None, min_length=1, description="runs in order over a growing pool")
@@ -336,10 +280,10 @@ class Experiment(BaseModel):
     search_space: dict[str, Any]
     strategy: StrategyConfig
     objectives: list[str]
-    fitness: FitnessConfig
-    heldout: FitnessConfig | None
+    fitness: SerializeAsAny[FitnessConfig]
+    heldout: SerializeAsAny[FitnessConfig] | None
     budget: BudgetConfig
-    executor: ExecutorConfig
+    executor: SerializeAsAny[ExecutorSettings]
     checkpoint_every: int
     run_dir: str
     source: str = Field(description="the experiment file this was loaded from")
@@ -351,17 +295,18 @@ class Experiment(BaseModel):
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready form, restored exactly by ``Experiment.from_snapshot``."""
         data = self.model_dump(mode="json")
-        data["fitness"] = _fitness_dump(self.fitness)
-        data["heldout"] = None if self.heldout is None else _fitness_dump(self.heldout)
+        data["fitness"] = dump_fitness(self.fitness)
+        data["heldout"] = None if self.heldout is None else dump_fitness(self.heldout)
         return data
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any], source: str) -> Experiment:
         """The experiment a run directory was started with (its paths are already absolute)."""
         data = dict(data)
-        data["fitness"] = _parse_fitness(data["fitness"], source, "fitness")
+        data["fitness"] = parse_fitness(data["fitness"], source, "fitness")
         if data.get("heldout") is not None:
-            data["heldout"] = _parse_fitness(data["heldout"], source, "heldout")
+            data["heldout"] = parse_fitness(data["heldout"], source, "heldout")
+        data["executor"] = parse_executor(data.get("executor"), source)
         return validate(cls, data, source)
 
 
@@ -408,7 +353,7 @@ def resolve_experiment(
         fitness=fitness,
         heldout=heldout,
         budget=budget_config,
-        executor=spec.executor,
+        executor=parse_executor(spec.executor, source),
         checkpoint_every=spec.checkpoint_every,
         run_dir=str(run_dir),
         source=source,
@@ -459,15 +404,17 @@ def _read(path: str | Path) -> tuple[ExperimentFile, Path, str]:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    return validate(ExperimentFile, data, source), path.resolve().parent, source
+    spec = validate(ExperimentFile, data, source)
+    parse_executor(spec.executor, source)
+    return spec, path.resolve().parent, source
 
 
 def _resolved_parts(
     spec: ExperimentFile, here: Path, source: str
 ) -> tuple[FitnessConfig, list[str], FitnessConfig | None, dict[str, Any]]:
     """Fitness, objectives, held-out fitness and the inlined search space, checked."""
-    fitness = _parse_fitness(_resolve_fitness_paths(spec.fitness, here), source, "fitness")
-    if spec.executor.reproducible and getattr(fitness, "racing", None) is not None:
+    fitness = parse_fitness(_resolve_fitness_paths(spec.fitness, here), source, "fitness")
+    if parse_executor(spec.executor, source).reproducible and getattr(fitness, "racing", None) is not None:
         raise ConfigError(
             f"{source}: fitness.racing: not available with executor.reproducible: true (the bar a candidate "
             "races against depends on which results have arrived); drop one of them"
@@ -497,21 +444,6 @@ def _run_dir(override: str | Path | None, spec: ExperimentFile, here: Path) -> P
     return (Path.cwd() / "runs" / spec.name).resolve()
 
 
-def _fitness_dump(config: FitnessConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude_none=isinstance(config, CallableFitnessConfig))
-
-
-def _parse_fitness(data: Any, source: str, field: str) -> FitnessConfig:
-    """A fitness mapping as the lm-eval spec, or as a callable when it names ``python``."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {field}: expected a mapping")
-    model: type[BaseModel] = CallableFitnessConfig if "python" in data else FitnessSpec
-    try:
-        return model.model_validate(data)  # type: ignore[return-value]
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {field}.{describe_validation_error(err, model)}") from None
-
-
 def _resolve_fitness_paths(data: dict[str, Any], here: Path) -> dict[str, Any]:
     """Make ``include_path`` folders and a ``file.py:fn`` reference absolute (relative to the experiment)."""
     data = dict(data)
@@ -537,7 +469,7 @@ def _heldout(
     merged = {**fitness, **overrides}
     if "python" not in merged:
         merged = {**fitness, "split": "test", **overrides}
-    return _parse_fitness(_resolve_fitness_paths(merged, here), source, "heldout")
+    return parse_fitness(_resolve_fitness_paths(merged, here), source, "heldout")
 
 
 def _checked_objectives(objectives: list[str], fitness: FitnessConfig, source: str) -> list[str]:

@@ -65,11 +65,11 @@ class OutOfOrderExecutor(LocalExecutor):
         return super().poll(timeout)
 
 
-def out_of_order(slots: int) -> Callable[[Any], Executor]:
+def out_of_order(slots: int) -> Callable[..., Executor]:
     """A ``build_executor`` replacement for experiments with a local executor."""
 
-    def build(experiment: Any) -> Executor:
-        return OutOfOrderExecutor(LocalExecutor.start(worker_spec(experiment)).worker, slots)
+    def build(experiment: Any, workloads: Any = None) -> Executor:
+        return OutOfOrderExecutor(LocalExecutor.start(worker_spec(experiment, workloads)).worker, slots)
 
     return build
 

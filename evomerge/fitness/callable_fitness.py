@@ -14,6 +14,8 @@ user's responsibility: bump ``version`` when they change what the function measu
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import inspect
 import math
 import time
@@ -133,3 +135,30 @@ def _module_digest(fn: FitnessFn) -> str:
         code = getattr(fn, "__code__", None)
         source = repr(code.co_code + repr(code.co_consts).encode()) if code is not None else repr(fn)
     return hashlib.sha256(source.encode()).hexdigest()
+
+
+def load_callable(reference: str, where: str = "fitness.python") -> tuple[Callable[..., Any], str]:
+    """Import ``module:function`` or ``/path/file.py:function``; returns it and a path-free name."""
+    module_name, function = reference.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"{where}: file not found: {path}")
+        spec = importlib.util.spec_from_file_location(f"evomerge_fitness_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as err:
+            text = str(err).strip().splitlines()
+            raise ConfigError(f"{where}: importing {path} failed: {type(err).__name__}" + (f": {text[0]}" if text else "")) from None
+        name = f"{path.name}:{function}"
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"{where}: cannot import module '{module_name}' ({err})") from None
+        name = reference
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ConfigError(f"{where}: '{function}' is not a function of {module_name}")
+    return fn, name

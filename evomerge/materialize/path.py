@@ -221,5 +221,6 @@ def _child(module: torch.nn.Module, dotted: str, *, missing_ok: bool = False) ->
 
 
 @register_materializer("path")
-def _path_assembler(pool: ModelPool, device: torch.device, dtype: torch.dtype) -> PathAssembler:
+def _path_assembler(pool: ModelPool, device: torch.device, dtype: torch.dtype, **plan: object) -> PathAssembler:
+    """Paths link resident layers by reference: every source stays resident whatever the plan's placement."""
     return PathAssembler.load(pool, device=device, dtype=dtype)

@@ -3,8 +3,9 @@
 A materializer is registered for one or more blueprint kinds (``@register_materializer("path")``):
 the resident merger writes a parameter recipe or a blend into one model skeleton in place; the
 path assembler links resident source layers into a model by reference. A factory gets the
-worker's open ``ModelPool``, the device and the dtype, and returns an object with ``apply(blueprint)``,
-``model`` (the live model after the last apply) and ``close()``.
+worker's open ``ModelPool``, the device, the dtype and the worker's memory plan (``placement``,
+``cache_bytes``: the resident merger's; a factory ignores what it has no use for), and returns an
+object with ``apply(blueprint)``, ``model`` (the live model after the last apply) and ``close()``.
 
 ``Materializers`` is what a worker holds: it builds the materializer a blueprint's kind needs on
 first use and keeps **one at a time** — a run scores one kind, and the references at its end may
@@ -42,14 +43,15 @@ class Materializer(Protocol):
     def close(self) -> None: ...
 
 
-MaterializerFactory = Callable[[ModelPool, torch.device, torch.dtype], Materializer]
+MaterializerFactory = Callable[..., Materializer]
+"""``factory(pool, device, dtype, *, placement, cache_bytes) -> Materializer``."""
 MATERIALIZERS: dict[str, MaterializerFactory] = {}
 _HOMES = {"recipe": "evomerge.materialize.resident", "blend": "evomerge.materialize.resident", "path": "evomerge.materialize.path"}
 """Where the built-in materializers register themselves (imported on first use: each pulls in model code)."""
 
 
 def register_materializer(*kinds: str) -> Callable[[MaterializerFactory], MaterializerFactory]:
-    """Register ``factory(pool, device, dtype) -> Materializer`` for the blueprint ``kinds``."""
+    """Register ``factory(pool, device, dtype, *, placement, cache_bytes) -> Materializer`` for the blueprint ``kinds``."""
 
     def wrap(factory: MaterializerFactory) -> MaterializerFactory:
         for kind in kinds:
@@ -77,10 +79,20 @@ def materializer_factory(kind: str) -> MaterializerFactory:
 class Materializers:
     """The materializer of the current blueprint kind, over one pool; see the module docstring."""
 
-    def __init__(self, pool: ModelPool, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        placement: str = "resident",
+        cache_bytes: int | None = None,
+    ) -> None:
         self.pool = pool
         self.device = torch.device(device)
         self.dtype = dtype
+        self.placement = placement
+        self.cache_bytes = cache_bytes
         self._factory: MaterializerFactory | None = None
         self._current: Materializer | None = None
 
@@ -90,7 +102,7 @@ class Materializers:
         if self._current is not None and self._factory is factory:
             return self._current
         self.close()
-        self._current = factory(self.pool, self.device, self.dtype)
+        self._current = factory(self.pool, self.device, self.dtype, placement=self.placement, cache_bytes=self.cache_bytes)
         self._factory = factory
         return self._current
 

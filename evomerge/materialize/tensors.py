@@ -90,23 +90,28 @@ def output_dtype(recipe_dtype: str | None, stored: torch.dtype) -> torch.dtype:
 
 
 class BufferPool:
-    """One reusable float32 buffer per role (base, source i, out), viewed in each tensor's shape.
+    """One reusable buffer per role (base, source i, out), viewed in each tensor's shape.
 
     The export reads and merges tensor after tensor: writing into warm buffers avoids the
     first-touch cost of fresh allocations, and one buffer per role, grown to the largest tensor
-    seen, bounds the memory by that tensor rather than by the number of distinct shapes.
+    seen, bounds the memory by that tensor rather than by the number of distinct shapes. Buffers
+    are float32 unless a role asks for another dtype (a staging copy in a stored dtype).
     """
 
     def __init__(self, device: str | torch.device):
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, role: str, shape: Sequence[int]) -> torch.Tensor:
+    def get(self, role: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A buffer of ``shape`` for ``role`` (contents undefined; valid until the role's next ``get``)."""
         numel = math.prod(shape)
         buffer = self._buffers.get(role)
-        if buffer is None or buffer.numel() < numel:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
             self._buffers.pop(role, None)
-            buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+            buffer = torch.empty(numel, dtype=dtype, device=self.device)
             self._buffers[role] = buffer
         return buffer[:numel].view(tuple(shape))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())

@@ -25,6 +25,7 @@ from evomerge.merge.chunking import (
     split,
 )
 from evomerge.merge.registry import (
+    MemoryCost,
     ParamDef,
     Params,
     TensorInputs,
@@ -90,6 +91,7 @@ def gram_from_blocks(blocks: Iterator[tuple[int, list[torch.Tensor]]], n: int, d
     shared={"normalize": ParamDef(True, kind=bool, doc="divide by the sum of the weights")},
     per_source={"weight": ParamDef(1.0, doc="weight of each model")},
     blockwise=True,
+    memory=MemoryCost(work_per_source=0, work=0),
 )
 def linear(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Linear / model soup: Σ wᵢθᵢ (÷ Σ wᵢ when normalize)."""

@@ -31,7 +31,8 @@ from evomerge.pool.fingerprint import (
 from evomerge.recipe import recipe_from_dict
 from evomerge.run.loop import Driver
 from evomerge.run.objectives import Objectives, fitness_hash
-from evomerge.runtime import Executor, build_executor, with_ray_address
+from evomerge.plan import check_plan, plan_experiment
+from evomerge.runtime import Executor, build_executor, get_executor, with_ray_address
 from evomerge.search import Strategy, build_strategy, get_strategy
 from evomerge.spaces import SearchSpace
 from evomerge.spaces.preview import experiment_space
@@ -61,7 +62,8 @@ class Session:
 
 
 def prepare(experiment: Experiment, fingerprints: dict[str, ModelFingerprint] | None = None) -> Session:
-    """Open the pool, build space and strategy, start the executor; any mistake is a one-line error.
+    """Open the pool, build space and strategy, check the worker's memory plan (``evomerge plan``),
+    start the executor; any mistake is a one-line error.
 
     ``fingerprints``: the models' fingerprints if already taken (else they are taken here)."""
     fingerprints = fingerprint_models(experiment.models) if fingerprints is None else fingerprints
@@ -88,7 +90,9 @@ def prepare(experiment: Experiment, fingerprints: dict[str, ModelFingerprint] | 
         source=f"{experiment.source}: strategy",
         budget=experiment.budget.evaluations,
     )
-    executor = build_executor(experiment)
+    plan, _, workloads = plan_experiment(experiment, here=get_executor(experiment.executor.kind).workers_here(experiment.executor))
+    check_plan(plan, experiment.source)
+    executor = build_executor(experiment, workloads)
     try:
         description = executor.describe_fitness("validation")
     except BaseException:

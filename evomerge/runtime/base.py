@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from evomerge.recipe import Blueprint
+from evomerge.runtime.registry import ExecutorSettings
+
+if TYPE_CHECKING:
+    from evomerge.runtime.worker import WorkerSpec
 
 Split = Literal["validation", "test"]
 
@@ -55,7 +59,25 @@ class Outcome:
 
 
 class Executor(ABC):
-    """Runs jobs on workers that keep the model pool resident; completion is asynchronous."""
+    """Runs jobs on workers that keep the model pool resident; completion is asynchronous.
+
+    Registered by name with ``register_executor``; ``Settings`` is the pydantic model of its
+    ``executor:`` block (extending ``ExecutorSettings``).
+    """
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[ExecutorSettings]] = ExecutorSettings
+
+    @classmethod
+    @abstractmethod
+    def start(cls, spec: WorkerSpec, settings: ExecutorSettings) -> Executor:
+        """Start the workers (each built from ``spec``); a failure to start is a one-line ``ConfigError``."""
+
+    @classmethod
+    def workers_here(cls, settings: ExecutorSettings) -> bool:
+        """Whether the workers run on this machine, so that its memory is theirs (the driver's memory
+        plan then checks it before starting; remote workers check their own at start-up)."""
+        return True
 
     @property
     @abstractmethod

@@ -11,22 +11,27 @@ plain data so that a remote executor can ship it to each of its workers.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.experiment import CallableFitnessConfig, FitnessConfig
+from evomerge.fitness.kinds import FitnessConfig, build_fitness
+from evomerge.fitness.workload import Workload
 from evomerge.runtime.base import Job, Outcome, Split
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs, as plain picklable data."""
+    """Everything a worker needs, as plain picklable data.
+
+    ``blueprint``: the kind the run's space produces (its materializer is built at start).
+    ``placement`` (or 'auto') and ``cache_memory`` (bytes, None: what the device has left) are
+    settled by the worker's own memory plan at start-up; ``recipe`` (a recipe of the search space,
+    as data; None for blends and paths) and ``workloads`` (what its fitness asks of memory,
+    measured by the driver) are what that plan needs to know about the search.
+    """
 
     models: Mapping[str, str]
     base: str | None
@@ -37,63 +42,35 @@ class WorkerSpec:
     threads: int | None = None
     source: str = "experiment"
     blueprint: str = "recipe"
-    """The blueprint kind the run's space produces: its materializer is built at start."""
-
-
-def build_fitness(config: FitnessConfig, where: str = "fitness") -> Any:
-    """The ``Fitness`` a config describes: lm-eval tasks, or a Python callable (``where`` prefixes errors)."""
-    from evomerge.fitness import CallableFitness, LmEvalFitness
-
-    if isinstance(config, CallableFitnessConfig):
-        fn, name = load_callable(config.python, f"{where}.python")
-        return CallableFitness(fn, weights=config.weights, directions=config.directions, name=name, version=config.version)
-    return LmEvalFitness(config)
-
-
-def load_callable(reference: str, where: str = "fitness.python") -> tuple[Callable[..., Any], str]:
-    """Import ``module:function`` or ``/path/file.py:function``; returns it and a path-free name."""
-    module_name, function = reference.rsplit(":", 1)
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ConfigError(f"{where}: file not found: {path}")
-        spec = importlib.util.spec_from_file_location(f"evomerge_fitness_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except Exception as err:
-            raise ConfigError(f"{where}: importing {path} failed: {_one_line(err)}") from None
-        name = f"{path.name}:{function}"
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(f"{where}: cannot import module '{module_name}' ({err})") from None
-        name = reference
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise ConfigError(f"{where}: '{function}' is not a function of {module_name}")
-    return fn, name
+    placement: str = "auto"
+    cache_memory: int | None = None
+    recipe: Mapping[str, Any] | None = None
+    workloads: tuple[Workload, ...] = ()
 
 
 class Worker:
     """One resident model pool + live model + fitness; runs jobs one after another."""
 
-    def __init__(self, name: str, spec: WorkerSpec, materializers: Any, fitness: Any) -> None:
+    def __init__(self, name: str, spec: WorkerSpec, materializers: Any, fitness: Any, plan: Any = None) -> None:
         self.name = name
         self.spec = spec
         self.materializers = materializers
         self._tokenizers: dict[str, Any] = {}
         self._fitness: dict[str, Any] = {"validation": fitness}
+        self.plan = plan
+        """The worker's memory plan (``evomerge.plan.WorkerPlan``), when it made one."""
 
     @classmethod
     def start(cls, spec: WorkerSpec, name: str = "local") -> Worker:
-        """Open the pool, build the materializer of ``spec.blueprint``, the tokenizer and the validation fitness."""
+        """Open the pool, plan its memory on this worker's device (refusing, in one line, a pool
+        that does not fit), build the materializer of ``spec.blueprint`` with the plan's placement,
+        the tokenizer and the validation fitness."""
         import torch
         from transformers.utils import logging as hf_logging
 
         from evomerge.devices import usable_device
         from evomerge.materialize import Materializers
+        from evomerge.plan import check_plan, plan_for_spec
         from evomerge.pool import ModelPool
 
         usable_device(spec.device, f"{spec.source}: executor.device")
@@ -102,10 +79,15 @@ class Worker:
         hf_logging.disable_progress_bar()  # a worker loads its model once; the bar is noise in a run's output
         pool = ModelPool.open(dict(spec.models), spec.base)
         try:
-            materializers = Materializers(pool, device=spec.device, dtype=getattr(torch, spec.dtype))
+            plan = plan_for_spec(spec, pool)
+            check_plan(plan, spec.source)
+            materializers = Materializers(
+                pool, device=spec.device, dtype=getattr(torch, spec.dtype),
+                placement=plan.placement, cache_bytes=plan.cache_budget,
+            )
             materializers.prepare(spec.blueprint)
             fitness = build_fitness(spec.fitness, f"{spec.source}: fitness")
-            worker = cls(name, spec, materializers, fitness)
+            worker = cls(name, spec, materializers, fitness, plan)
             worker.tokenizer(pool.reference)
         except BaseException:
             pool.close()
@@ -135,6 +117,10 @@ class Worker:
         timings: dict[str, float] = {}
         try:
             model = self.materializers.apply(job.recipe)
+            if self.materializers.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(self.materializers.device)  # the merge's time is its kernels', not their launch
             merged = time.perf_counter()
             timings["merge"] = merged - start
             result = self.fitness(job.split).evaluate(model, self.tokenizer(job.recipe.tokenizer_source), bar=job.bar)
