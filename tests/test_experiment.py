@@ -53,7 +53,7 @@ MALFORMED = [
     ("strategy-typo", {"strategy": {"name": "cmaes", "setting": {}}},
      "strategy.setting: unknown key (did you mean 'settings'?); expected one of: name, seed, settings"),
     ("executor-typo", {"executor": {"devise": "cpu"}},
-     "executor.devise: unknown key (did you mean 'device'?); expected one of: kind, device, dtype, threads, placement, cache_memory"),
+     "executor.devise: unknown key (did you mean 'device'?); expected one of: kind, device, dtype, threads, reproducible, placement, cache_memory"),
     ("zoo-typo", {"zoo": {"specs": "default"}}, "zoo.specs: unknown key (did you mean 'spec'?); expected one of: spec, dir"),
     ("missing-strategy", {"strategy": None}, "strategy: required field is missing"),
     ("one-model", {"models": {"base": "base"}},
@@ -95,6 +95,9 @@ MALFORMED = [
      "heldout.splitt: unknown key (did you mean 'split'?); expected one of: tasks, include_path, split, limit, seed, "
      "batch_size, num_fewshot, apply_chat_template, fewshot_as_multiturn, system_instruction, gen_kwargs, racing, "
      "device, dtype"),
+    ("racing-reproducible", {"fitness": {**LM_FITNESS, "racing": {}}, "executor": {"reproducible": True}},
+     "fitness.racing: not available with executor.reproducible: true (the bar a candidate races against depends on "
+     "which results have arrived); drop one of them"),
     ("heldout-number", {"heldout": 3}, "heldout: expected true, false or a mapping of fitness overrides, got 3"),
     ("space-number", {"search_space": 3}, "search_space: expected a search-space file path or an inline mapping, got int"),
     ("space-missing-file", {"search_space": "nope.yaml"}, "search_space: file not found: {folder}/nope.yaml"),
@@ -107,7 +110,7 @@ MALFORMED_LATER = [
     ("space-unknown-method", {"search_space": {"method": "tiess", "model_genes": {"weight": {}}}},
      "search_space.method: unknown merge method 'tiess' (did you mean 'ties'?); known: "),
     ("strategy-unknown", {"strategy": {"name": "cma"}},
-     "strategy.name: unknown strategy 'cma' (did you mean 'cmaes'?); known: cmaes, natural_niches, optuna, random"),
+     "strategy.name: unknown strategy 'cma' (did you mean 'cmaes'?); known: cmaes, map, natural_niches, optuna, random"),
     ("strategy-setting", {"strategy": {"name": "cmaes", "settings": {"sigma0": 5}}},
      "strategy.settings: sigma0: Input should be less than or equal to 1"),
     ("python-file-missing", {"fitness": {"python": "other.py:score"}}, "fitness.python: file not found: {folder}/other.py"),

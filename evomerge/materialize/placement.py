@@ -38,6 +38,7 @@ class SourceTensors(ABC):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers = BufferPool(device)
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     @abstractmethod
     def get(self, model: str, name: str, role: str) -> torch.Tensor:
@@ -51,6 +52,11 @@ class SourceTensors(ABC):
     @property
     def buffer_bytes(self) -> int:
         return self._buffers.nbytes
+
+    def release(self) -> None:
+        """Drop every held tensor and buffer (a worker switching materializers frees them now)."""
+        self._tensors.clear()
+        self._buffers = BufferPool(self.device)
 
 
 def _read_host(pool: ModelPool, model: str, name: str, dtype: torch.dtype, staging: BufferPool, pin: bool = False,
@@ -73,7 +79,6 @@ class ResidentSources(SourceTensors):
     def __init__(self, pool: ModelPool, names: list[str], device: torch.device) -> None:
         super().__init__(device)
         staging = BufferPool("cpu")
-        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         for model in pool.names:
             held = self._tensors[model] = {}
             for name in names:
@@ -101,7 +106,6 @@ class StoredSources(SourceTensors):
         on_device = placement == "compact" or device.type == "cpu"
         pin = placement == "streamed" and device.type == "cuda"
         staging = BufferPool("cpu")
-        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         for model in pool.names:
             held = self._tensors[model] = {}
             for name in names:

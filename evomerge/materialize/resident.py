@@ -198,9 +198,11 @@ class ResidentMerger:
         return sum(_nbytes(value) for cache in self._caches.values() for value in cache.values())
 
     def close(self) -> None:
-        """Drop the skeleton and the resident tensors (the pool belongs to the caller)."""
-        self._tensors.clear()
+        """Drop the held sources, the caches and the output buffer (the pool belongs to the caller)."""
+        self.sources.release()
         self._caches.clear()
+        self._written.clear()
+        self._out = BufferPool(self.device)
 
     def _check_models(self, recipe: Blueprint) -> None:
         for name, ref in recipe.models.items():

@@ -54,14 +54,18 @@ def operators_of(recipe: Mapping[str, Any] | None, shape: PoolShape) -> tuple[di
 
 
 def space_recipe(experiment: Experiment, shape: PoolShape) -> dict[str, Any] | None:
-    """The recipe the experiment's space starts from, as data (None for spaces of blends); the space
-    is built from the shapes, so models described by a config alone do."""
+    """The recipe the experiment's space starts from, as data (None for spaces of blends or layer
+    paths); the space is built from the shapes, so models described by a config alone do."""
+    from evomerge.recipe import Recipe
     from evomerge.spaces.base import PoolInfo, build_space
 
     order = tuple((t.name, t.numel) for t in shape.tensors)
     space = build_space(experiment.search_space, PoolInfo(experiment.models, experiment.base, shape.num_layers, order),
                         f"{experiment.source}: search_space")
-    return None if space.derives else space.decode(space.initial_genome()).model_dump(mode="json")
+    if space.derives:
+        return None
+    blueprint = space.decode(space.initial_genome())
+    return blueprint.model_dump(mode="json") if isinstance(blueprint, Recipe) else None
 
 
 def workloads_of(fitness: Any, shape: PoolShape) -> list[Workload]:
