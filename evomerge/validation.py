@@ -68,7 +68,7 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the file ({err.strerror or err})") from None
     try:
-        return yaml.load(raw, Loader=_Loader)
+        data = yaml.load(raw, Loader=_Loader)
     except yaml.reader.ReaderError as err:
         if err.encoding == "unicode":
             raise ConfigError(f"{path}: not YAML text: control character #x{err.character:04x} at byte {err.position}") from None
@@ -80,6 +80,25 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply to read") from None
+    _refuse_cycles(data, path)
+    return data
+
+
+def _refuse_cycles(data: Any, path: Path) -> None:
+    """A YAML alias inside its own anchor (``&a [*a]``) makes a structure that contains itself,
+    which no config can mean and no serializer can write: a one-line ``ConfigError``."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    open_ids: list[int] = []
+    while stack:
+        node, depth = stack.pop()
+        del open_ids[depth:]
+        if not isinstance(node, (dict, list)):
+            continue
+        if id(node) in open_ids:
+            raise ConfigError(f"{path}: invalid YAML: an alias refers to its own anchor (the structure contains itself)")
+        open_ids.append(id(node))
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
 
 
 def validate(model: type[M], data: Any, source: str) -> M:

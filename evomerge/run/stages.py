@@ -49,7 +49,12 @@ from evomerge.experiment import (
     run_dir_of,
 )
 from evomerge.store import DB_NAME, StoreError
-from evomerge.store.files import SUMMARY_FILE, read_json_object, write_atomic, write_json
+from evomerge.store.files import (
+    SUMMARY_FILE,
+    read_json_object,
+    write_atomic,
+    write_json,
+)
 from evomerge.store.lock import LOCK_NAME, RunLock
 from evomerge.store.stages import (
     POOL_DIR,
@@ -60,15 +65,17 @@ from evomerge.store.stages import (
     stage_dir,
     stage_state,
 )
+from evomerge.validation import read_yaml
 
 FORMAT = 1
 
 
 def is_staged(experiment_path: str | Path) -> bool:
-    """Whether an experiment file has ``stages:`` (read without validating the rest)."""
+    """Whether an experiment file has ``stages:`` (read without validating the rest; a file that
+    cannot be read is not, and the experiment loader then reports why in one line)."""
     try:
-        data = yaml.safe_load(Path(experiment_path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(experiment_path)
+    except ConfigError:
         return False
     return isinstance(data, dict) and "stages" in data
 
