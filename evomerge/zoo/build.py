@@ -4,7 +4,9 @@ The output folder holds one ordinary Hugging Face folder per model (safetensors,
 model card), the lm-eval task folder ``fitness/`` for the spec's tasks, the spec itself and
 ``zoo.json``. The build is cached by ``spec_hash``: when ``zoo.json`` carries the same hash and
 every model folder is present, nothing is retrained (``force=True`` rebuilds). ``zoo.json`` is
-written last, so an interrupted build is never mistaken for a finished one.
+written last, so an interrupted build is never mistaken for a finished one. A spec with
+``kernels: portable`` (the default) trains in a child process pinned to float kernels that every
+x86-64 CPU has (``evomerge.zoo.portable``), so the zoo's weights do not depend on the machine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from evomerge.zoo.fitness_files import write_fitness
 from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
 from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
 from evomerge.zoo.model_card import model_card
+from evomerge.zoo.portable import build_in_child
 from evomerge.zoo.quick_eval import accuracy
 from evomerge.zoo.spec import BaseSpec, ExpertSpec, ZooSpec, load_spec, parse_spec, spec_hash
 from evomerge.zoo.tasks import task
@@ -106,6 +109,13 @@ def _expert_sampler(spec: ZooSpec, expert: ExpertSpec) -> Callable[[random.Rando
 
 
 def _build(spec: ZooSpec, key: str, out: Path) -> ZooIndex:
+    if spec.kernels == "portable":
+        return build_in_child(spec, key, out, INDEX_FILE)
+    return build_here(spec, key, out)
+
+
+def build_here(spec: ZooSpec, key: str, out: Path) -> ZooIndex:
+    """Train, score and write the zoo in this process, with whatever float kernels it already uses."""
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     config = llama_config(
