@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +30,7 @@ from evomerge.zoo.languages import (
     vocabulary,
 )
 from evomerge.zoo.model import aligned_embeddings
+from evomerge.zoo.portable import PORTABLE_ENV
 from evomerge.zoo.quick_eval import exact_match
 from evomerge.zoo.spec import load_spec, parse_spec, spec_hash
 from evomerge.zoo.tasks import answer_text, prompt_text, split_of, task
@@ -41,6 +45,7 @@ def tiny_spec(**over: object) -> dict:
     spec = {
         "seed": 0,
         "threads": 1,
+        "kernels": "native",
         "model": {"layers": 1, "hidden": 16, "heads": 2, "ffn": 32},
         "base": {**run, "steps": 3, "mixture": MIX},
         "experts": [
@@ -237,7 +242,7 @@ def test_tiny_build_loads_indexes_and_caches(tmp_path: Path, monkeypatch: pytest
     assert (out / "fitness/data/add_b.test.jsonl").read_text().count("\n") == 6
 
     weights = load_file(out / "skill/model.safetensors")
-    monkeypatch.setattr(build_mod, "train", lambda *a, **k: pytest.fail("cache miss: retrained"))
+    monkeypatch.setattr(build_mod, "_build", lambda *a, **k: pytest.fail("cache miss: retrained"))
     assert build_zoo(tiny_spec(), out) == index
     monkeypatch.undo()
 
@@ -282,3 +287,30 @@ def test_build_writes_only_into_an_empty_folder_or_a_zoo(tmp_path: Path, monkeyp
     assert [m.scores for m in rebuilt.models] == [m.scores for m in index.models]
     assert ZooIndex.load(out / "zoo.json") == rebuilt and not (out / BUILD_MARKER).exists()
     assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def _native_build_under(env: dict[str, str], out: Path) -> dict[str, torch.Tensor]:
+    """Build the tiny zoo on this process's own kernels, in a fresh process with ``env`` (read at torch's start)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_zoo import tiny_spec; "
+        "from evomerge.zoo.build import build_zoo; build_zoo(tiny_spec(kernels='native'), sys.argv[2])"
+    )
+    full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")} | env
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "tests"), str(out)], env=full,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load_file(out / "skill/model.safetensors")
+
+
+def test_portable_build_uses_pinned_kernels_whatever_the_callers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    top = torch.backends.cpu.get_cpu_capability().lower()
+    assert top in ("avx2", "avx512"), "needs an x86-64 CPU with AVX2 to compare kernel tiers"
+    pinned = _native_build_under(PORTABLE_ENV, tmp_path / "native-pinned")
+    fastest = _native_build_under({"ATEN_CPU_CAPABILITY": top}, tmp_path / "native-fastest")
+    # teeth: the same spec trained on the machine's fastest kernels gives other weights
+    assert any(not torch.equal(pinned[k], fastest[k]) for k in pinned)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", top)
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    build_zoo(tiny_spec(kernels="portable"), tmp_path / "portable")
+    portable = load_file(tmp_path / "portable/skill/model.safetensors")
+    assert all(torch.equal(pinned[k], portable[k]) for k in pinned)

@@ -5,7 +5,9 @@ model card), the lm-eval task folder ``fitness/`` for the spec's tasks, the spec
 ``zoo.json``. The build is cached by ``spec_hash``: when ``zoo.json`` carries the same hash and
 every model folder is present, nothing is retrained (``force=True`` rebuilds). ``zoo.json`` is
 written last, so an interrupted build is never mistaken for a finished one. Only an empty folder or
-a zoo is built into (``evomerge.zoo.folder``): a build never deletes the user's files.
+a zoo is built into (``evomerge.zoo.folder``): a build never deletes the user's files. A spec with
+``kernels: portable`` (the default) trains in a child process pinned to float kernels that every
+x86-64 CPU has (``evomerge.zoo.portable``), so the zoo's weights do not depend on the machine.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from evomerge.zoo.folder import (
 from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
 from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
 from evomerge.zoo.model_card import model_card
+from evomerge.zoo.portable import build_in_child
 from evomerge.zoo.quick_eval import accuracy
 from evomerge.zoo.spec import BaseSpec, ExpertSpec, ZooSpec, load_spec, parse_spec, spec_hash
 from evomerge.zoo.tasks import Example, task
@@ -113,6 +116,14 @@ def _eval_sets(spec: ZooSpec) -> dict[tuple[str, str], list[Example]]:
 
 
 def _build(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, str], list[Example]]) -> ZooIndex:
+    if spec.kernels == "portable":
+        return build_in_child(spec, key, out, INDEX_FILE)
+    return build_here(spec, key, out, eval_sets)
+
+
+def build_here(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, str], list[Example]] | None = None) -> ZooIndex:
+    """Train, score and write the zoo in this process, with whatever float kernels it already uses."""
+    eval_sets = _eval_sets(spec) if eval_sets is None else eval_sets
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     config = llama_config(

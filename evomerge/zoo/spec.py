@@ -12,7 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,7 +21,7 @@ from evomerge.validation import read_yaml
 from evomerge.zoo.corpus import MIXTURE_SOURCES
 from evomerge.zoo.tasks import TASK_NAMES
 
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_SEED = 2**32 - 1
 
@@ -131,6 +131,11 @@ class ZooSpec(_Strict):
 
     seed: int = Field(0, ge=0, le=MAX_SEED)
     threads: int = Field(2, ge=1, le=256)
+    kernels: Literal["portable", "native"] = Field(
+        "portable",
+        description="portable: train in a child process on float kernels every x86-64 CPU has, so the weights "
+        "are the same on every machine; native: this process's fastest kernels (weights vary with the CPU)",
+    )
     max_operand: int = Field(99, ge=9, le=9999)
     model: ModelSpec = ModelSpec()
     base: BaseSpec
