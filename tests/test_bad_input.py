@@ -457,6 +457,7 @@ def test_tagged_values_that_cannot_be_built_are_yaml_errors(harness, sandbox, te
 
 def _run_and_space_verdict(harness: Callable, sandbox: Path, text: str) -> str:
     path = write(sandbox / "experiments" / "fuzzed.yaml", text)
+    shutil.rmtree(sandbox / "fuzzed-run", ignore_errors=True)
     return harness(["run", str(path), "--run-dir", str(sandbox / "fuzzed-run")], created=sandbox / "fuzzed-run")
 
 

@@ -189,6 +189,15 @@ def test_staged_files_are_checked_before_anything_is_written(experiment, tmp_pat
     bad.write_text(yaml.safe_dump(data))
     assert cli.main(["run", str(bad), "--run-dir", str(run), "--quiet"]) == 2
     assert "repeat" in capsys.readouterr().err and not run.exists()
+    data["stages"][1]["search_space"] = {"kind": "dataflow", "repeats": 2}
+    data["fitness"] = {"python": "fitness.py:nothing"}  # found only when the first stage's worker starts
+    bad.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(bad), "--run-dir", str(run), "--quiet"]) == 2
+    assert capsys.readouterr().err.endswith("'nothing' is not a function of " + str(tmp_path / "fitness.py") + "\n")
+    assert not run.exists()
+    run.mkdir()  # an empty folder of the user's: kept, and left empty
+    assert cli.main(["run", str(bad), "--run-dir", str(run), "--quiet"]) == 2
+    assert run.is_dir() and list(run.iterdir()) == []
     with pytest.raises(ConfigError, match="has stages; run it with `evomerge run`"):
         load_experiment(bad)
     with pytest.raises(ConfigError, match=r"search_space: required field is missing \(or give stages:\)"):

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from evomerge.display import print_summary
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.experiment import (
     Experiment,
     ExperimentFile,
@@ -229,13 +229,29 @@ def run_stages(
     for i, stage in enumerate(spec.stages or []):
         if stage.search_space is not None:
             data["stages"][i]["search_space"] = inline_space(stage.search_space, here, source)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    locked_before = (root / LOCK_NAME).exists()
     lock = RunLock.acquire(root)
     try:
         GrowingPool.create(root, data["models"], {n: {"written": spec.models[n], **r.record()} for n, r in sources.items()})
         record = {"format": FORMAT, "source": source, "here": str(here), "budget": budget, "seed": seed, "experiment": data}
         write_atomic(root / STAGES_FILE, yaml.safe_dump(record, sort_keys=False))
-        return _continue(StagedRun.load(root), progress=progress, ray_address=ray_address)
+        staged = StagedRun.load(root)
+        try:
+            return _continue(staged, progress=progress, ray_address=ray_address)
+        except EvomergeError:
+            if staged.state(staged.names[0]) == "pending":  # refused before its first stage began: leave nothing behind
+                for name in (STAGES_FILE, POOL_FILE):
+                    (root / name).unlink(missing_ok=True)
+                _remove_if_empty(staged.stage_dir(staged.names[0]))
+                for name in (STAGES_DIR, POOL_DIR):
+                    _remove_if_empty(root / name)
+                if created:
+                    _remove_if_empty(root)
+                elif not locked_before:
+                    (root / LOCK_NAME).unlink(missing_ok=True)
+            raise
     finally:
         lock.release()
 
