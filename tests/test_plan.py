@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from evomerge.plan.capacity import device_available
 from evomerge.plan.memory import RESERVE
 from evomerge.plan.report import plan_file
 from evomerge.plan.shapes import Dimensions
+from evomerge.sizes import format_size
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -155,6 +157,97 @@ def test_a_7b_experiment_is_planned_from_configs_alone():
     assert report["caches"]["wanted"] == 2 * 12 * params
     on_h200 = plan_file(REPO / "experiments" / "mistral-7b.yaml", device_memory=141 * GiB, host_memory=1024 * GiB)
     assert on_h200["caches"]["budget"] > report["caches"]["budget"]
+
+
+# -- every experiment of the project ------------------------------------------------------------
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+ZOO_MODELS = {"base": "base", "expert_1": "skill_add_a", "expert_2": "lang_qa_b", "expert_3": "sort_a"}
+
+
+@pytest.fixture(scope="module")
+def pico_zoo(tmp_path_factory) -> Path:
+    """A stand-in for the default zoo: pico models under the zoo's names, indexed as the default spec's build."""
+    from evomerge.zoo.index import ModelEntry, ZooIndex
+    from evomerge.zoo.pico import build_pico_family
+    from evomerge.zoo.spec import load_spec, spec_hash
+
+    zoo = tmp_path_factory.mktemp("zoo")
+    build_pico_family(zoo, "llama", 3)
+    for folder, name in ZOO_MODELS.items():
+        if folder != name:
+            (zoo / folder).rename(zoo / name)
+    entries = [ModelEntry(name=name, folder=name, role="base" if name == "base" else "expert", trained_on="pico",
+                          parent=None if name == "base" else "base", params=1, train_steps=1, train_seconds=0.0,
+                          final_loss=0.0, scores={}) for name in ZOO_MODELS.values()]
+    ZooIndex(spec_hash=spec_hash(load_spec(REPO / "evomerge" / "zoo" / "default.yaml")), build_seconds=0.0, threads=1,
+             tasks=[], lm_eval_tasks=[], settings=[], models=entries).save(zoo / "zoo.json")
+    return zoo
+
+
+def plans_of(report: dict) -> list[dict]:
+    return report["stages"] if report["kind"] == "staged" else [report]
+
+
+def test_every_experiment_of_the_project_is_planned(pico_zoo, monkeypatch, capsys):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    assert {p.name for p in EXPERIMENTS} >= {"demo.yaml", "dfs-demo.yaml", "ps-dfs.yaml", "niches-demo.yaml", "map-demo-3.yaml", "mistral-7b.yaml"}
+    seen = {}
+    for path in EXPERIMENTS:
+        assert cli.main(["plan", str(path), "--json", "--host-memory", "16GB", "--device-memory", "80GB"]) == 0, path.name
+        report = json.loads(capsys.readouterr().out)
+        assert report["file"] == str(path) and report["fits"], path.name
+        for plan in plans_of(report):
+            assert plan["host_bytes"] == sum(p["bytes"] for p in plan["parts"] if report["kind"] != "experiment"
+                                             or plan["device"] == "cpu" or p["where"] == "host"), path.name
+            assert plan["peak_host_bytes"] >= plan["host_bytes"]
+            if plan["kind"] == "experiment" and "mistral" not in path.name:
+                assert next(p for p in plan["parts"] if p["part"] == "evaluation")["bytes"] > 0, path.name
+            seen[(path.stem, plan.get("stage"))] = plan
+        assert cli.main(["plan", str(path)]) == 0  # the table too
+        assert "fits" in capsys.readouterr().out
+    assert seen[("niches-demo", None)]["blueprint"] == "blend" and seen[("demo", None)]["blueprint"] == "recipe"
+    assert [key[1] for key in seen if key[0] == "ps-dfs"] == ["ps", "dfs"]
+    assert seen[("ps-dfs", "ps")]["blueprint"] == "recipe" and seen[("ps-dfs", "dfs")]["blueprint"] == "path"
+    assert "ps: promoted by an earlier stage, planned with the layout of 'base'" in seen[("ps-dfs", "dfs")]["notes"]
+    assert list(seen[("ps-dfs", "dfs")]["models"]) == ["ps", "lang"]
+
+
+def test_a_path_search_is_planned_as_the_path_assembler_then_its_references(pico_zoo, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    report = plan_file(REPO / "experiments" / "dfs-demo.yaml", host_memory=16 * GiB)
+    parts = {p["part"]: p["bytes"] for p in report["parts"]}
+    skeleton = read_pool_shape({"skill": str(pico_zoo / "skill_add_a"), "lang": str(pico_zoo / "lang_qa_b")}, None).skeleton["float32"]
+    # every source loaded once in the worker's dtype, layers linked by reference: no merged copy, no merge
+    assert parts["sources"] == 2 * skeleton and parts["merged"] == parts["staging"] == parts["caches"] == parts["merge_work"] == 0
+    assert report["blueprint"] == "path" and report["references"]["placement"] == report["placement"] == "resident"
+    references = {p["part"]: p["bytes"] for p in report["references"]["parts"]}
+    assert references["sources"] == 2 * 4 * report["models"]["skill"]["parameters"] and references["merged"] == skeleton
+    assert references["caches"] == 0  # linear merges keep nothing across candidates
+    assert report["peak_host_bytes"] == max(report["host_bytes"], report["references"]["host_bytes"])
+    # the evaluation runs the longest path: max_layers 12 of the pico's 2 × 2 × 2 = 8 slots -> 8 layers
+    dims = read_pool_shape({"skill": str(pico_zoo / "skill_add_a")}, None).dims
+    assert dims.layers == 2
+    workload = Workload(**report["workloads"][0])
+    assert parts["evaluation"] == evaluation_bytes(replace(dims, layers=8), workload, 4, "cpu")
+    assert any("the longest path (8 layers)" in note for note in report["notes"])
+
+
+def test_a_path_search_that_does_not_fit_names_the_assembler(pico_zoo, monkeypatch, tmp_path):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    experiment = yaml.safe_load((REPO / "experiments" / "dfs-demo.yaml").read_text())
+    experiment["fitness"]["include_path"] = str(REPO / "fitness")
+    experiment["search_space"].update(repeats=1000, max_layers=None)  # paths of up to 2 models × 2 layers × 1000
+    path = tmp_path / "dfs.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    report = plan_file(path, host_memory=GiB)
+    evaluation = next(p["bytes"] for p in report["parts"] if p["part"] == "evaluation")
+    dims = read_pool_shape({"skill": str(pico_zoo / "skill_add_a")}, None).dims
+    assert evaluation == evaluation_bytes(replace(dims, layers=4000), Workload(**report["workloads"][0]), 4, "cpu")
+    assert not report["fits"] and report["problem"].startswith("the worker does not fit the host: the path assembler needs")
+    assert f"the largest part is evaluation ({format_size(evaluation)})" in report["problem"]
+    assert report["problem"].endswith(f"fitness batch_size 50 would fit (an evaluation batch of 100 is {format_size(evaluation)})")
+    assert report["references"]["fits"]  # the references merge models of 2 layers
 
 
 def test_cli_plan_prints_json_and_a_table(bf16_family, tmp_path, capsys):

@@ -53,19 +53,21 @@ def operators_of(recipe: Mapping[str, Any] | None, shape: PoolShape) -> tuple[di
     return {t.name: planner.plan(t.name, t.layer, t.kind).operator for t in shape.tensors}, len(parsed.source_names)
 
 
-def space_recipe(experiment: Experiment, shape: PoolShape) -> dict[str, Any] | None:
-    """The recipe the experiment's space starts from, as data (None for spaces of blends or layer
-    paths); the space is built from the shapes, so models described by a config alone do."""
+def space_recipe(experiment: Experiment, shape: PoolShape) -> tuple[dict[str, Any] | None, str, int | None]:
+    """(the recipe the experiment's space starts from, as data — None for spaces of blends or layer
+    paths; the kind of blueprint it proposes; the most layers a candidate runs, None: the models'
+    own). The space is built from the shapes, so models described by a config alone do."""
     from evomerge.recipe import Recipe
-    from evomerge.spaces.base import PoolInfo, build_space
+    from evomerge.spaces.base import PoolInfo, build_space, space_blueprint
 
     order = tuple((t.name, t.numel) for t in shape.tensors)
     space = build_space(experiment.search_space, PoolInfo(experiment.models, experiment.base, shape.num_layers, order),
                         f"{experiment.source}: search_space")
+    kind = space_blueprint(experiment.search_space)
     if space.derives:
-        return None
+        return None, kind, space.depth
     blueprint = space.decode(space.initial_genome())
-    return blueprint.model_dump(mode="json") if isinstance(blueprint, Recipe) else None
+    return (blueprint.model_dump(mode="json") if isinstance(blueprint, Recipe) else None), kind, space.depth
 
 
 def workloads_of(fitness: Any, shape: PoolShape) -> list[Workload]:
@@ -99,9 +101,8 @@ def plan_experiment(
     only memory given explicitly is checked (each worker checks its own at start-up)."""
     settings = experiment.executor
     shape = read_pool_shape(experiment.models, experiment.base)
-    if recipe is None:
-        recipe = space_recipe(experiment, shape)
-    operators, sources = operators_of(recipe, shape)
+    initial, blueprint, depth = space_recipe(experiment, shape)
+    operators, sources = operators_of(initial if recipe is None else recipe, shape)
     if workloads is None:
         workloads = workloads_of(experiment.fitness, shape)
     if here:
@@ -119,6 +120,8 @@ def plan_experiment(
         sources=sources,
         workloads=workloads,
         capacity=capacity,
+        blueprint=blueprint,
+        depth=depth,
     )
     return plan, shape, workloads
 
@@ -137,6 +140,8 @@ def plan_for_spec(spec: WorkerSpec, pool: ModelPool) -> WorkerPlan:
         sources=sources,
         workloads=list(spec.workloads),
         capacity=query_capacity(spec.device),
+        blueprint=spec.blueprint,
+        depth=spec.depth,
     )
 
 

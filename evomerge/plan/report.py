@@ -1,7 +1,9 @@
 """``evomerge plan FILE``: the memory plan of one worker, as a table or as JSON.
 
 FILE is an experiment (planned as its search runs: the space's operators, the fitness's largest
-evaluation batch) or a recipe (planned as a worker merging it in memory, with no evaluation).
+evaluation batch), a staged experiment (each stage planned in turn; a model an earlier stage
+promotes does not exist yet and stands in with the layout of the experiment's base, or first
+model: a merge keeps it) or a recipe (planned as a worker merging it in memory, with no evaluation).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if "stages" in data:
+        return _plan_stages(Path(path), device_memory, host_memory)
     if "strategy" in data or "search_space" in data:
         from evomerge.experiment import load_experiment
         from evomerge.runtime import get_executor
@@ -35,6 +39,28 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
         plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=here)
         return _report(str(path), "experiment", experiment.name, plan, shape, workloads)
     return _plan_recipe(Path(path), device_memory, host_memory)
+
+
+def _plan_stages(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
+    from evomerge.experiment import check_experiment_file, resolve_experiment, resolve_sources
+    from evomerge.runtime import get_executor
+
+    spec, here, source = check_experiment_file(path)
+    pool = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
+    stand_in = spec.base or next(iter(spec.models))
+    stages = []
+    for i, stage in enumerate(spec.stages or []):
+        where = f"{source} (stage {stage.name})"
+        experiment = resolve_experiment(spec.stage_file(i, pool), here, where, run_dir=here / "runs" / spec.name / "stages" / stage.name)
+        here_ = get_executor(experiment.executor.kind).workers_here(experiment.executor)
+        plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=here_)
+        promoted = [name for name in experiment.models if pool[name] == pool[stand_in] and name != stand_in]
+        if promoted:
+            plan.notes.append(f"{', '.join(promoted)}: promoted by an earlier stage, planned with the layout of '{stand_in}'")
+        stages.append({"stage": stage.name, **_report(where, "experiment", experiment.name, plan, shape, workloads)})
+        pool.update({promotion.name: pool[stand_in] for promotion in stage.promote})
+    return {"format": FORMAT, "file": source, "kind": "staged", "name": spec.name,
+            "fits": all(s["fits"] for s in stages), "stages": stages}
 
 
 def _plan_recipe(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
@@ -89,8 +115,14 @@ def count(n: int) -> str:
 
 
 def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
-    """The plan as a table: each part, where it lives, its size; totals against what is available."""
+    """The plan as a table: each part, where it lives, its size; totals against what is available
+    (a staged experiment: one table per stage)."""
     console = console or Console(highlight=False, width=max(Console().width, 132))
+    if report["kind"] == "staged":
+        for i, stage in enumerate(report["stages"]):
+            console.print(("\n" if i else "") + f"[bold]stage {stage['stage']}[/bold]")
+            print_plan(stage, console)
+        return
     on_cpu = report["device_bytes"] is None
     params = next(iter(report["models"].values()))["parameters"]
     console.print(f"[bold]{report['name']}[/bold] ({report['kind']} {report['file']}): one worker on "
@@ -115,13 +147,17 @@ def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
     for where in ("device", "host"):
         if where == "device" and on_cpu:
             continue
-        used, available = report[f"{where}_bytes"], report[f"{where}_available"]
+        used, available = report[f"peak_{where}_bytes"], report[f"{where}_available"]
         label = "host (= device)" if on_cpu else where
         if available is None:
             console.print(f"{label}: {format_size(used)} (available memory unknown here: {report[f'{where}_available_from']})")
         else:
             console.print(f"{label}: {format_size(used)} of {format_size(available)} available "
                           f"({report[f'{where}_available_from']}; {report['reserve']:.0%} kept free)")
+    references = report["references"]
+    if references is not None:
+        sizes = ", ".join(f"{p['label']} {format_size(p['bytes'])}" for p in references["parts"] if p["bytes"])
+        console.print(f"then the held-out references ({references['placement']} placement): {sizes}")
     for note in report["notes"]:
         console.print(f"note: {note}")
     if report["problem"]:

@@ -29,8 +29,9 @@ class WorkerSpec:
     ``blueprint``: the kind the run's space produces (its materializer is built at start).
     ``placement`` (or 'auto') and ``cache_memory`` (bytes, None: what the device has left) are
     settled by the worker's own memory plan at start-up; ``recipe`` (a recipe of the search space,
-    as data; None for blends and paths) and ``workloads`` (what its fitness asks of memory,
-    measured by the driver) are what that plan needs to know about the search.
+    as data; None for blends and paths), ``workloads`` (what its fitness asks of memory,
+    measured by the driver) and ``depth`` (the most layers a candidate runs, None: the models'
+    own) are what that plan needs to know about the search.
     """
 
     models: Mapping[str, str]
@@ -46,6 +47,7 @@ class WorkerSpec:
     cache_memory: int | None = None
     recipe: Mapping[str, Any] | None = None
     workloads: tuple[Workload, ...] = ()
+    depth: int | None = None
 
 
 class Worker:
