@@ -290,8 +290,11 @@ def probe(family: dict[str, Path], method: str, executor: dict, fitness: dict, f
     first = recipe(family, method)
     second = json.loads(json.dumps(first))
     second["model_parameters"]["expert_1"]["weight"] = 0.5
-    job = {"models": first["models"], "base": "base", "recipes": [first, second], "fitness": fitness,
-           "executor": {"threads": 1, **executor}}
+    return run_probe({"models": first["models"], "base": "base", "recipes": [first, second], "fitness": fitness,
+                      "executor": {"threads": 1, **executor}}, fused)
+
+
+def run_probe(job: dict, fused: str = "off") -> dict:
     env = {**os.environ, "EVOMERGE_FUSED_KERNELS": fused}
     out = subprocess.run([sys.executable, str(REPO / "tests" / "plan_probe.py")], input=json.dumps(job),
                          capture_output=True, text=True, check=False, env=env)
@@ -332,3 +335,61 @@ def test_plan_of_a_100m_worker_is_its_peak_memory(family_100m, method, executor,
     assert plan["host_bytes"] - runtime == pytest.approx(result["peak"] - result["imported"], rel=0.15)
     caches = next(p["bytes"] for p in plan["parts"] if p["part"] == "caches")
     assert result["cache_nbytes"] <= caches
+
+
+@pytest.mark.slow
+def test_plan_of_a_100m_path_worker_is_its_peak_memory(family_100m):
+    """A layer-path search: two paths of 24 layers through the three models, then a held-out
+    reference (the uniform average, by the resident merger once the assembler is released)."""
+    models = {k: str(v) for k, v in family_100m.items()}
+    paths = [{"kind": "path", "models": models, "embeddings": first,
+              "hops": [{"model": m, "layer": i, "scale": 1.0} for m in (first, second) for i in range(12)]}
+             for first, second in (("base", "expert_1"), ("expert_2", "base"))]
+    average = {"models": models, "base": "base", "method": "linear",
+               "model_parameters": {"expert_1": {"weight": 1.0}, "expert_2": {"weight": 1.0}}}
+    result = run_probe({"models": models, "base": "base", "recipes": [*paths, average], "blueprint": "path", "depth": 24,
+                        "fitness": lm_fitness(32, "zoo_add_b"), "executor": {"threads": 1, "device": "cpu", "dtype": "float32"}})
+    plan = result["plan"]
+    assert plan["blueprint"] == "path" and plan["placement"] == "resident"
+    assert plan["peak_host_bytes"] == pytest.approx(result["peak"], rel=0.15)
+    runtime = next(p["bytes"] for p in plan["parts"] if p["part"] == "runtime")
+    assert plan["peak_host_bytes"] - runtime == pytest.approx(result["peak"] - result["imported"], rel=0.15)
+
+
+def test_a_worker_switching_materializers_frees_the_previous_model(pico_family, monkeypatch):
+    """The worker's peak is the larger of its materializers' plans only if the fitness lets go of
+    the previous model (an lm-eval wrapper is reused while the model object stays the same) before
+    the next materializer loads its sources."""
+    import gc
+    import weakref
+
+    from evomerge.fitness.kinds import parse_fitness
+    from evomerge.materialize.registry import MATERIALIZERS, materializer_factory
+    from evomerge.recipe import recipe_from_dict
+    from evomerge.runtime import Job, Worker, WorkerSpec
+
+    models = {k: str(v) for k, v in pico_family.items()}
+    path = recipe_from_dict({"kind": "path", "models": models, "embeddings": "base",
+                             "hops": [{"model": "expert_1", "layer": 0}, {"model": "base", "layer": 1}]})
+    fitness = parse_fitness({**lm_fitness(8, "zoo_add_b"), "limit": 8}, "test")
+    worker = Worker.start(WorkerSpec(models=models, base="base", fitness=fitness, threads=1, blueprint="path", depth=2))
+    try:
+        assert not worker.run(Job(0, path)).failed
+        assembler = worker.materializers.prepare("path")
+        alive = [weakref.ref(assembler.model), weakref.ref(assembler.sources["expert_1"].model.layers[0].mlp.up_proj.weight)]
+        del assembler
+        assert worker.materializers.holds("path") and not worker.materializers.holds("recipe")
+        resident = materializer_factory("recipe")
+        when_built: list[bool] = []
+
+        def build(*args, **kwargs):
+            gc.collect()
+            when_built.append(any(ref() is not None for ref in alive))
+            return resident(*args, **kwargs)
+
+        monkeypatch.setitem(MATERIALIZERS, "recipe", build)
+        assert not worker.run(Job(1, recipe_from_dict(recipe(pico_family, "linear")))).failed
+        assert when_built == [False]  # the path's model and layers were gone before the merger loaded its sources
+        assert worker.materializers.holds("recipe")
+    finally:
+        worker.close()

@@ -19,6 +19,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.fitness.kinds import FitnessConfig, build_fitness
 from evomerge.fitness.workload import Workload
+from evomerge.recipe import blueprint_kind
 from evomerge.runtime.base import Job, Outcome, Split
 
 
@@ -118,6 +119,9 @@ class Worker:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         try:
+            if not self.materializers.holds(blueprint_kind(job.recipe)):
+                for fitness in self._fitness.values():  # the previous kind's model must not outlive its materializer
+                    fitness.release()
             model = self.materializers.apply(job.recipe)
             if self.materializers.device.type == "cuda":
                 import torch
