@@ -393,3 +393,21 @@ def test_a_worker_switching_materializers_frees_the_previous_model(pico_family, 
         assert worker.materializers.holds("recipe")
     finally:
         worker.close()
+
+
+def test_a_staged_run_refuses_a_later_stage_that_does_not_fit_before_the_first_runs(pico_zoo, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    experiment = yaml.safe_load((REPO / "experiments" / "ps-dfs.yaml").read_text())
+    experiment["fitness"]["include_path"] = str(REPO / "fitness")
+    experiment["stages"][0]["search_space"] = str(REPO / "search_spaces" / "task-arithmetic-per-layer.yaml")
+    experiment["stages"][1]["search_space"].update(repeats=1000, max_layers=None)  # paths of up to 4,000 layers
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    monkeypatch.setattr("evomerge.plan.capacity.host_available", lambda: GiB)
+    report = plan_file(path)
+    assert [s["fits"] for s in report["stages"]] == [True, False] and not report["fits"]
+    assert cli.main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {path} (stage dfs): executor: the worker does not fit the host: the path assembler needs")
+    assert not (tmp_path / "run").exists()

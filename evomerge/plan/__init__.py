@@ -19,7 +19,9 @@ from evomerge.plan.shapes import PoolShape, pool_shape, read_pool_shape
 from evomerge.fitness.workload import Workload
 
 if TYPE_CHECKING:
-    from evomerge.experiment import Experiment
+    from pathlib import Path
+
+    from evomerge.experiment import Experiment, ExperimentFile
     from evomerge.pool import ModelPool
     from evomerge.runtime.worker import WorkerSpec
 
@@ -33,6 +35,7 @@ __all__ = [
     "operators_of",
     "plan_experiment",
     "plan_for_spec",
+    "plan_stages",
     "plan_worker",
     "pool_shape",
     "query_capacity",
@@ -124,6 +127,37 @@ def plan_experiment(
         depth=depth,
     )
     return plan, shape, workloads
+
+
+def plan_stages(
+    spec: ExperimentFile,
+    here: Path,
+    source: str,
+    models: Mapping[str, str],
+    *,
+    device_memory: int | None = None,
+    host_memory: int | None = None,
+) -> list[tuple[str, Experiment, WorkerPlan, PoolShape, list[Workload]]]:
+    """(stage name, its experiment, plan, shapes, workloads) of every stage of a staged experiment
+    over the pool ``models`` (name → resolved reference). A model an earlier stage promotes does not
+    exist yet: it stands in with the layout of the base (or the first model), which a merge keeps."""
+    from evomerge.experiment import resolve_experiment
+    from evomerge.runtime import get_executor
+
+    pool = dict(models)
+    stand_in = spec.base or next(iter(spec.models))
+    plans = []
+    for i, stage in enumerate(spec.stages or []):
+        where = f"{source} (stage {stage.name})"
+        experiment = resolve_experiment(spec.stage_file(i, pool), here, where, run_dir=here / "runs" / spec.name / "stages" / stage.name)
+        workers_here = get_executor(experiment.executor.kind).workers_here(experiment.executor)
+        plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=workers_here)
+        promoted = [name for name in experiment.models if name != stand_in and pool[name] == pool[stand_in]]
+        if promoted:
+            plan.notes.append(f"{', '.join(promoted)}: promoted by an earlier stage, planned with the layout of '{stand_in}'")
+        plans.append((stage.name, experiment, plan, shape, workloads))
+        pool.update({promotion.name: pool[stand_in] for promotion in stage.promote})
+    return plans
 
 
 def plan_for_spec(spec: WorkerSpec, pool: ModelPool) -> WorkerPlan:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evomerge.errors import ConfigError
-from evomerge.plan import PoolShape, Workload, WorkerPlan, plan_experiment, plan_worker, query_capacity
+from evomerge.plan import PoolShape, Workload, WorkerPlan, plan_experiment, plan_stages, plan_worker, query_capacity
 from evomerge.plan.shapes import read_pool_shape
 from evomerge.sizes import format_size
 from evomerge.validation import read_yaml
@@ -42,23 +42,15 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
 
 
 def _plan_stages(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
-    from evomerge.experiment import check_experiment_file, resolve_experiment, resolve_sources
-    from evomerge.runtime import get_executor
+    from evomerge.experiment import check_experiment_file, resolve_sources
 
     spec, here, source = check_experiment_file(path)
-    pool = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
-    stand_in = spec.base or next(iter(spec.models))
-    stages = []
-    for i, stage in enumerate(spec.stages or []):
-        where = f"{source} (stage {stage.name})"
-        experiment = resolve_experiment(spec.stage_file(i, pool), here, where, run_dir=here / "runs" / spec.name / "stages" / stage.name)
-        here_ = get_executor(experiment.executor.kind).workers_here(experiment.executor)
-        plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=here_)
-        promoted = [name for name in experiment.models if pool[name] == pool[stand_in] and name != stand_in]
-        if promoted:
-            plan.notes.append(f"{', '.join(promoted)}: promoted by an earlier stage, planned with the layout of '{stand_in}'")
-        stages.append({"stage": stage.name, **_report(where, "experiment", experiment.name, plan, shape, workloads)})
-        pool.update({promotion.name: pool[stand_in] for promotion in stage.promote})
+    models = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
+    stages = [
+        {"stage": stage, **_report(experiment.source, "experiment", experiment.name, plan, shape, workloads)}
+        for stage, experiment, plan, shape, workloads in plan_stages(spec, here, source, models, device_memory=device_memory,
+                                                                     host_memory=host_memory)
+    ]
     return {"format": FORMAT, "file": source, "kind": "staged", "name": spec.name,
             "fits": all(s["fits"] for s in stages), "stages": stages}
 
