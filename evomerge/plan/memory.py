@@ -381,7 +381,9 @@ def _plan_path(
 
 
 def _fits(plan: WorkerPlan) -> bool:
-    return all(plan.limit(where) is None or plan.total(where) <= plan.limit(where) for where in ("device", "host"))  # type: ignore[operator]
+    """Whether the plan's own parts fit both memories (known limits only)."""
+    limits = {where: plan.limit(where) for where in ("device", "host")}
+    return all(limit is None or plan.total(where) <= limit for where, limit in limits.items())
 
 
 def largest_consensus(shape: PoolShape, operators: Mapping[str, OperatorSpec]) -> int:
