@@ -1,10 +1,11 @@
 """A worker's measured peak memory beside its memory plan, in a fresh process (``python tests/plan_probe.py``).
 
-Reads a JSON job on stdin: ``models`` (name → folder), ``base``, ``recipes`` (recipe dicts to run,
-the first one also telling the plan the operators), ``fitness`` (a fitness block), ``executor``
-settings (device, dtype, placement, cache_memory); starts a ``Worker`` as an executor would, runs
-every recipe as a job, and prints JSON: the peak resident set size of the process (``ru_maxrss``),
-its resident size after the imports, and the worker's plan.
+Reads a JSON job on stdin: ``models`` (name → folder), ``base``, ``recipes`` (blueprint dicts to
+run, the first one also telling the plan the operators), ``fitness`` (a fitness block),
+``executor`` settings (device, dtype, placement, cache_memory) and, for a layer-path search,
+``blueprint: path`` with ``depth`` (its longest path); starts a ``Worker`` as an executor would,
+runs every blueprint as a job, and prints JSON: the peak resident set size of the process
+(``ru_maxrss``), its resident size after the imports, and the worker's plan.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def main() -> None:
     spec = WorkerSpec(
         models=job["models"], base=job["base"], fitness=fitness, device=settings.device, dtype=settings.dtype,
         threads=settings.threads, placement=settings.placement, cache_memory=settings.cache_bytes,
-        recipe=job["recipes"][0], workloads=tuple(workloads),
+        recipe=None if job.get("blueprint") == "path" else job["recipes"][0], workloads=tuple(workloads),
+        blueprint=job.get("blueprint", "recipe"), depth=job.get("depth"),
     )
     worker = Worker.start(spec)
     started = rss()
@@ -51,7 +53,7 @@ def main() -> None:
         "started": started,
         "errors": [o.error for o in outcomes if o.failed],
         "timings": [o.timings for o in outcomes],
-        "cache_nbytes": worker.materializers.prepare("recipe").cache_nbytes,
+        "cache_nbytes": getattr(worker.materializers.prepare(job["recipes"][-1].get("kind", "recipe")), "cache_nbytes", 0),
         "plan": worker.plan.to_json(),
     }))
 

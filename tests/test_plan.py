@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from evomerge.plan.capacity import device_available
 from evomerge.plan.memory import RESERVE
 from evomerge.plan.report import plan_file
 from evomerge.plan.shapes import Dimensions
+from evomerge.sizes import format_size
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -157,6 +159,96 @@ def test_a_7b_experiment_is_planned_from_configs_alone():
     assert on_h200["caches"]["budget"] > report["caches"]["budget"]
 
 
+# -- every experiment of the project ------------------------------------------------------------
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+ZOO_MODELS = {"base": "base", "expert_1": "skill_add_a", "expert_2": "lang_qa_b", "expert_3": "sort_a"}
+
+
+@pytest.fixture(scope="module")
+def pico_zoo(tmp_path_factory) -> Path:
+    """A stand-in for the default zoo: pico models under the zoo's names, indexed as the default spec's build."""
+    from evomerge.zoo.index import ModelEntry, ZooIndex
+    from evomerge.zoo.pico import build_pico_family
+    from evomerge.zoo.spec import load_spec, spec_hash
+
+    zoo = tmp_path_factory.mktemp("zoo")
+    build_pico_family(zoo, "llama", 3)
+    for folder, name in ZOO_MODELS.items():
+        if folder != name:
+            (zoo / folder).rename(zoo / name)
+    entries = [ModelEntry(name=name, folder=name, role="base" if name == "base" else "expert", trained_on="pico",
+                          parent=None if name == "base" else "base", params=1, train_steps=1, train_seconds=0.0,
+                          final_loss=0.0, scores={}) for name in ZOO_MODELS.values()]
+    ZooIndex(spec_hash=spec_hash(load_spec(REPO / "evomerge" / "zoo" / "default.yaml")), build_seconds=0.0, threads=1,
+             tasks=[], lm_eval_tasks=[], settings=[], models=entries).save(zoo / "zoo.json")
+    return zoo
+
+
+def plans_of(report: dict) -> list[dict]:
+    return report["stages"] if report["kind"] == "staged" else [report]
+
+
+def test_every_experiment_of_the_project_is_planned(pico_zoo, monkeypatch, capsys):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    assert {p.name for p in EXPERIMENTS} >= {"demo.yaml", "dfs-demo.yaml", "ps-dfs.yaml", "niches-demo.yaml", "map-demo-3.yaml", "mistral-7b.yaml"}
+    seen = {}
+    for path in EXPERIMENTS:
+        assert cli.main(["plan", str(path), "--json", "--host-memory", "16GB", "--device-memory", "80GB"]) == 0, path.name
+        report = json.loads(capsys.readouterr().out)
+        assert report["file"] == str(path) and report["fits"], path.name
+        for plan in plans_of(report):
+            assert plan["host_bytes"] == sum(p["bytes"] for p in plan["parts"] if plan["device"] == "cpu" or p["where"] == "host")
+            assert plan["peak_host_bytes"] >= plan["host_bytes"]
+            if plan["kind"] == "experiment" and "mistral" not in path.name:
+                assert next(p for p in plan["parts"] if p["part"] == "evaluation")["bytes"] > 0, path.name
+            seen[(path.stem, plan.get("stage"))] = plan
+        assert cli.main(["plan", str(path)]) == 0  # the table too
+        assert "fits" in capsys.readouterr().out
+    assert seen[("niches-demo", None)]["blueprint"] == "blend" and seen[("demo", None)]["blueprint"] == "recipe"
+    assert [key[1] for key in seen if key[0] == "ps-dfs"] == ["ps", "dfs"]
+    assert seen[("ps-dfs", "ps")]["blueprint"] == "recipe" and seen[("ps-dfs", "dfs")]["blueprint"] == "path"
+    assert "ps: promoted by an earlier stage, planned with the layout of 'base'" in seen[("ps-dfs", "dfs")]["notes"]
+    assert list(seen[("ps-dfs", "dfs")]["models"]) == ["ps", "lang"]
+
+
+def test_a_path_search_is_planned_as_the_path_assembler_then_its_references(pico_zoo, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    report = plan_file(REPO / "experiments" / "dfs-demo.yaml", host_memory=16 * GiB)
+    parts = {p["part"]: p["bytes"] for p in report["parts"]}
+    skeleton = read_pool_shape({"skill": str(pico_zoo / "skill_add_a"), "lang": str(pico_zoo / "lang_qa_b")}, None).skeleton["float32"]
+    # every source loaded once in the worker's dtype, layers linked by reference: no merged copy, no merge
+    assert parts["sources"] == 2 * skeleton and parts["merged"] == parts["staging"] == parts["caches"] == parts["merge_work"] == 0
+    assert report["blueprint"] == "path" and report["references"]["placement"] == report["placement"] == "resident"
+    references = {p["part"]: p["bytes"] for p in report["references"]["parts"]}
+    assert references["sources"] == 2 * 4 * report["models"]["skill"]["parameters"] and references["merged"] == skeleton
+    assert references["caches"] == 0  # linear merges keep nothing across candidates
+    assert report["peak_host_bytes"] == max(report["host_bytes"], report["references"]["host_bytes"])
+    # the evaluation runs the longest path: max_layers 12 of the pico's 2 × 2 × 2 = 8 slots -> 8 layers
+    dims = read_pool_shape({"skill": str(pico_zoo / "skill_add_a")}, None).dims
+    assert dims.layers == 2
+    workload = Workload(**report["workloads"][0])
+    assert parts["evaluation"] == evaluation_bytes(replace(dims, layers=8), workload, 4, "cpu")
+    assert any("the longest path (8 layers)" in note for note in report["notes"])
+
+
+def test_a_path_search_that_does_not_fit_names_the_assembler(pico_zoo, monkeypatch, tmp_path):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    experiment = yaml.safe_load((REPO / "experiments" / "dfs-demo.yaml").read_text())
+    experiment["fitness"]["include_path"] = str(REPO / "fitness")
+    experiment["search_space"].update(repeats=1000, max_layers=None)  # paths of up to 2 models × 2 layers × 1000
+    path = tmp_path / "dfs.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    report = plan_file(path, host_memory=GiB)
+    evaluation = next(p["bytes"] for p in report["parts"] if p["part"] == "evaluation")
+    dims = read_pool_shape({"skill": str(pico_zoo / "skill_add_a")}, None).dims
+    assert evaluation == evaluation_bytes(replace(dims, layers=4000), Workload(**report["workloads"][0]), 4, "cpu")
+    assert not report["fits"] and report["problem"].startswith("the worker does not fit the host: the path assembler needs")
+    assert f"the largest part is evaluation ({format_size(evaluation)})" in report["problem"]
+    assert report["problem"].endswith(f"fitness batch_size 50 would fit (an evaluation batch of 100 is {format_size(evaluation)})")
+    assert report["references"]["fits"]  # the references merge models of 2 layers
+
+
 def test_cli_plan_prints_json_and_a_table(bf16_family, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(bf16_family, "dare_ties")))
@@ -197,8 +289,11 @@ def probe(family: dict[str, Path], method: str, executor: dict, fitness: dict, f
     first = recipe(family, method)
     second = json.loads(json.dumps(first))
     second["model_parameters"]["expert_1"]["weight"] = 0.5
-    job = {"models": first["models"], "base": "base", "recipes": [first, second], "fitness": fitness,
-           "executor": {"threads": 1, **executor}}
+    return run_probe({"models": first["models"], "base": "base", "recipes": [first, second], "fitness": fitness,
+                      "executor": {"threads": 1, **executor}}, fused)
+
+
+def run_probe(job: dict, fused: str = "off") -> dict:
     env = {**os.environ, "EVOMERGE_FUSED_KERNELS": fused}
     out = subprocess.run([sys.executable, str(REPO / "tests" / "plan_probe.py")], input=json.dumps(job),
                          capture_output=True, text=True, check=False, env=env)
@@ -239,3 +334,79 @@ def test_plan_of_a_100m_worker_is_its_peak_memory(family_100m, method, executor,
     assert plan["host_bytes"] - runtime == pytest.approx(result["peak"] - result["imported"], rel=0.15)
     caches = next(p["bytes"] for p in plan["parts"] if p["part"] == "caches")
     assert result["cache_nbytes"] <= caches
+
+
+@pytest.mark.slow
+def test_plan_of_a_100m_path_worker_is_its_peak_memory(family_100m):
+    """A layer-path search: two paths of 24 layers through the three models, then a held-out
+    reference (the uniform average, by the resident merger once the assembler is released)."""
+    models = {k: str(v) for k, v in family_100m.items()}
+    paths = [{"kind": "path", "models": models, "embeddings": first,
+              "hops": [{"model": m, "layer": i, "scale": 1.0} for m in (first, second) for i in range(12)]}
+             for first, second in (("base", "expert_1"), ("expert_2", "base"))]
+    average = {"models": models, "base": "base", "method": "linear",
+               "model_parameters": {"expert_1": {"weight": 1.0}, "expert_2": {"weight": 1.0}}}
+    result = run_probe({"models": models, "base": "base", "recipes": [*paths, average], "blueprint": "path", "depth": 24,
+                        "fitness": lm_fitness(32, "zoo_add_b"), "executor": {"threads": 1, "device": "cpu", "dtype": "float32"}})
+    plan = result["plan"]
+    assert plan["blueprint"] == "path" and plan["placement"] == "resident"
+    assert plan["peak_host_bytes"] == pytest.approx(result["peak"], rel=0.15)
+    runtime = next(p["bytes"] for p in plan["parts"] if p["part"] == "runtime")
+    assert plan["peak_host_bytes"] - runtime == pytest.approx(result["peak"] - result["imported"], rel=0.15)
+
+
+def test_a_worker_switching_materializers_frees_the_previous_model(pico_family, monkeypatch):
+    """The worker's peak is the larger of its materializers' plans only if the fitness lets go of
+    the previous model (an lm-eval wrapper is reused while the model object stays the same) before
+    the next materializer loads its sources."""
+    import gc
+    import weakref
+
+    from evomerge.fitness.kinds import parse_fitness
+    from evomerge.materialize.registry import MATERIALIZERS, materializer_factory
+    from evomerge.recipe import recipe_from_dict
+    from evomerge.runtime import Job, Worker, WorkerSpec
+
+    models = {k: str(v) for k, v in pico_family.items()}
+    path = recipe_from_dict({"kind": "path", "models": models, "embeddings": "base",
+                             "hops": [{"model": "expert_1", "layer": 0}, {"model": "base", "layer": 1}]})
+    fitness = parse_fitness({**lm_fitness(8, "zoo_add_b"), "limit": 8}, "test")
+    worker = Worker.start(WorkerSpec(models=models, base="base", fitness=fitness, threads=1, blueprint="path", depth=2))
+    try:
+        assert not worker.run(Job(0, path)).failed
+        assembler = worker.materializers.prepare("path")
+        alive = [weakref.ref(assembler.model), weakref.ref(assembler.sources["expert_1"].model.layers[0].mlp.up_proj.weight)]
+        del assembler
+        assert worker.materializers.holds("path") and not worker.materializers.holds("recipe")
+        resident = materializer_factory("recipe")
+        when_built: list[bool] = []
+
+        def build(*args, **kwargs):
+            gc.collect()
+            when_built.append(any(ref() is not None for ref in alive))
+            return resident(*args, **kwargs)
+
+        monkeypatch.setitem(MATERIALIZERS, "recipe", build)
+        assert not worker.run(Job(1, recipe_from_dict(recipe(pico_family, "linear")))).failed
+        assert when_built == [False]  # the path's model and layers were gone before the merger loaded its sources
+        assert worker.materializers.holds("recipe")
+    finally:
+        worker.close()
+
+
+def test_a_staged_run_refuses_a_later_stage_that_does_not_fit_before_the_first_runs(pico_zoo, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("EVOMERGE_ZOO", str(pico_zoo))
+    experiment = yaml.safe_load((REPO / "experiments" / "ps-dfs.yaml").read_text())
+    experiment["fitness"]["include_path"] = str(REPO / "fitness")
+    experiment["stages"][0]["search_space"] = str(REPO / "search_spaces" / "task-arithmetic-per-layer.yaml")
+    experiment["stages"][1]["search_space"].update(repeats=1000, max_layers=None)  # paths of up to 4,000 layers
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    monkeypatch.setattr("evomerge.plan.capacity.host_available", lambda: GiB)
+    report = plan_file(path)
+    assert [s["fits"] for s in report["stages"]] == [True, False] and not report["fits"]
+    assert cli.main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {path} (stage dfs): executor: the worker does not fit the host: the path assembler needs")
+    assert not (tmp_path / "run").exists()

@@ -24,6 +24,11 @@ class Fitness(ABC):
         one that does not race scores every example whatever the bar.
         """
 
+    def release(self) -> None:
+        """Drop whatever is kept between calls that references a model (a wrapper reused while the
+        model object stays the same): a worker calls it before replacing its materializer, so the
+        previous materializer's weights are freed before the next one loads its own."""
+
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """A JSON-serializable, stable description of what this fitness measures."""

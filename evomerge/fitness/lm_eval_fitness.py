@@ -135,6 +135,9 @@ class LmEvalFitness(Fitness):
             fewshot_as_multiturn=self.spec.multiturn,
         )
 
+    def release(self) -> None:
+        self._lm = None
+
     def _wrapper(self, model: Any, tokenizer: Any) -> ResidentLM:
         """The HFLM for this (model, tokenizer) pair, reused while both objects stay the same."""
         if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:

@@ -96,6 +96,10 @@ class Materializers:
         self._factory: MaterializerFactory | None = None
         self._current: Materializer | None = None
 
+    def holds(self, kind: str) -> bool:
+        """Whether the current materializer is the one ``kind`` needs (else ``prepare`` replaces it)."""
+        return self._current is not None and self._factory is materializer_factory(kind)
+
     def prepare(self, kind: str) -> Materializer:
         """The materializer of ``kind``, built now if it is not the current one (set-up errors surface here)."""
         factory = materializer_factory(kind)

@@ -19,7 +19,9 @@ from evomerge.plan.shapes import PoolShape, pool_shape, read_pool_shape
 from evomerge.fitness.workload import Workload
 
 if TYPE_CHECKING:
-    from evomerge.experiment import Experiment
+    from pathlib import Path
+
+    from evomerge.experiment import Experiment, ExperimentFile
     from evomerge.pool import ModelPool
     from evomerge.runtime.worker import WorkerSpec
 
@@ -33,6 +35,7 @@ __all__ = [
     "operators_of",
     "plan_experiment",
     "plan_for_spec",
+    "plan_stages",
     "plan_worker",
     "pool_shape",
     "query_capacity",
@@ -53,19 +56,21 @@ def operators_of(recipe: Mapping[str, Any] | None, shape: PoolShape) -> tuple[di
     return {t.name: planner.plan(t.name, t.layer, t.kind).operator for t in shape.tensors}, len(parsed.source_names)
 
 
-def space_recipe(experiment: Experiment, shape: PoolShape) -> dict[str, Any] | None:
-    """The recipe the experiment's space starts from, as data (None for spaces of blends or layer
-    paths); the space is built from the shapes, so models described by a config alone do."""
+def space_recipe(experiment: Experiment, shape: PoolShape) -> tuple[dict[str, Any] | None, str, int | None]:
+    """(the recipe the experiment's space starts from, as data — None for spaces of blends or layer
+    paths; the kind of blueprint it proposes; the most layers a candidate runs, None: the models'
+    own). The space is built from the shapes, so models described by a config alone do."""
     from evomerge.recipe import Recipe
-    from evomerge.spaces.base import PoolInfo, build_space
+    from evomerge.spaces.base import PoolInfo, build_space, space_blueprint
 
     order = tuple((t.name, t.numel) for t in shape.tensors)
     space = build_space(experiment.search_space, PoolInfo(experiment.models, experiment.base, shape.num_layers, order),
                         f"{experiment.source}: search_space")
+    kind = space_blueprint(experiment.search_space)
     if space.derives:
-        return None
+        return None, kind, space.depth
     blueprint = space.decode(space.initial_genome())
-    return blueprint.model_dump(mode="json") if isinstance(blueprint, Recipe) else None
+    return (blueprint.model_dump(mode="json") if isinstance(blueprint, Recipe) else None), kind, space.depth
 
 
 def workloads_of(fitness: Any, shape: PoolShape) -> list[Workload]:
@@ -99,9 +104,8 @@ def plan_experiment(
     only memory given explicitly is checked (each worker checks its own at start-up)."""
     settings = experiment.executor
     shape = read_pool_shape(experiment.models, experiment.base)
-    if recipe is None:
-        recipe = space_recipe(experiment, shape)
-    operators, sources = operators_of(recipe, shape)
+    initial, blueprint, depth = space_recipe(experiment, shape)
+    operators, sources = operators_of(initial if recipe is None else recipe, shape)
     if workloads is None:
         workloads = workloads_of(experiment.fitness, shape)
     if here:
@@ -119,8 +123,41 @@ def plan_experiment(
         sources=sources,
         workloads=workloads,
         capacity=capacity,
+        blueprint=blueprint,
+        depth=depth,
     )
     return plan, shape, workloads
+
+
+def plan_stages(
+    spec: ExperimentFile,
+    here: Path,
+    source: str,
+    models: Mapping[str, str],
+    *,
+    device_memory: int | None = None,
+    host_memory: int | None = None,
+) -> list[tuple[str, Experiment, WorkerPlan, PoolShape, list[Workload]]]:
+    """(stage name, its experiment, plan, shapes, workloads) of every stage of a staged experiment
+    over the pool ``models`` (name → resolved reference). A model an earlier stage promotes does not
+    exist yet: it stands in with the layout of the base (or the first model), which a merge keeps."""
+    from evomerge.experiment import resolve_experiment
+    from evomerge.runtime import get_executor
+
+    pool = dict(models)
+    stand_in = spec.base or next(iter(spec.models))
+    plans = []
+    for i, stage in enumerate(spec.stages or []):
+        where = f"{source} (stage {stage.name})"
+        experiment = resolve_experiment(spec.stage_file(i, pool), here, where, run_dir=here / "runs" / spec.name / "stages" / stage.name)
+        workers_here = get_executor(experiment.executor.kind).workers_here(experiment.executor)
+        plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=workers_here)
+        promoted = [name for name in experiment.models if name != stand_in and pool[name] == pool[stand_in]]
+        if promoted:
+            plan.notes.append(f"{', '.join(promoted)}: promoted by an earlier stage, planned with the layout of '{stand_in}'")
+        plans.append((stage.name, experiment, plan, shape, workloads))
+        pool.update({promotion.name: pool[stand_in] for promotion in stage.promote})
+    return plans
 
 
 def plan_for_spec(spec: WorkerSpec, pool: ModelPool) -> WorkerPlan:
@@ -137,6 +174,8 @@ def plan_for_spec(spec: WorkerSpec, pool: ModelPool) -> WorkerPlan:
         sources=sources,
         workloads=list(spec.workloads),
         capacity=query_capacity(spec.device),
+        blueprint=spec.blueprint,
+        depth=spec.depth,
     )
 
 

@@ -11,6 +11,13 @@ that leaves the caches more room (``resident`` on a tie: no conversion per candi
 uncached TIES or DARE tensor costs more than converting its inputs — and streams them from host
 memory only when neither fits (each candidate then copies every input over the bus).
 
+A layer-path search (``blueprint`` 'path') holds something else: the path assembler loads every
+source once in the worker's dtype on the device and links their layers into each candidate by
+reference — no merged copy, no staging, no cache — and its evaluation runs as many layers as the
+longest path (``depth``). Its run ends by scoring the held-out references (each source alone, the
+uniform average: linear recipes) with the resident merger, built once the assembler is released;
+the worker's peak is the larger of the two plans, and the placement is the references'.
+
 The arithmetic mirrors the code that allocates: ``ResidentMerger`` (sources, staging buffers,
 caches), the operators' declared ``MemoryCost``, and a decoder's forward pass for evaluation (the
 KV cache of every layer, one layer's widest temporaries, the logits). Tests hold it to the peak
@@ -20,13 +27,13 @@ resident memory measured on CPU (``tests/test_plan.py``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from evomerge.merge.fused import MIN_NUMEL, switched_on
-from evomerge.merge.registry import OperatorSpec
+from evomerge.merge.registry import OperatorSpec, get_operator
 from evomerge.plan.capacity import Capacity
 from evomerge.plan.shapes import Dimensions, PoolShape
 from evomerge.fitness.workload import Workload
@@ -76,6 +83,10 @@ class WorkerPlan:
     cached_tensors: int
     tensors: int
     cache_explicit: bool = False
+    blueprint: str = "recipe"
+    """What the worker materializes: 'recipe' or 'blend' (the resident merger), 'path' (the path assembler)."""
+    references: WorkerPlan | None = None
+    """A path search's other peak: the resident merger scoring the held-out references at the end."""
     over: str | None = None
     """The memory ('device' or 'host') the plan overflows, None when it fits."""
     problem: str | None = None
@@ -105,6 +116,10 @@ class WorkerPlan:
     def part(self, key: str) -> Part:
         return next(p for p in self.parts if p.key == key)
 
+    def peak(self, where: str) -> int:
+        """The most the worker holds in ``where`` at any time (a path search: its references' plan too)."""
+        return max(self.total(where), self.references.total(where) if self.references is not None else 0)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "device": self.device,
@@ -114,6 +129,7 @@ class WorkerPlan:
             "fits": self.fits,
             "problem": self.problem,
             "parts": [p.to_json() for p in self.parts],
+            "blueprint": self.blueprint,
             "device_bytes": None if self.on_cpu else self.total("device"),
             "host_bytes": self.total("host"),
             "device_available": self.capacity.device,
@@ -124,6 +140,15 @@ class WorkerPlan:
             "caches": {"wanted": self.cache_wanted, "budget": self.cache_budget,
                        "cached_tensors": self.cached_tensors, "tensors": self.tensors},
             "placements": self.alternatives,
+            "references": None if self.references is None else {
+                "placement": self.references.placement,
+                "fits": self.references.fits,
+                "parts": [p.to_json() for p in self.references.parts],
+                "device_bytes": None if self.on_cpu else self.references.total("device"),
+                "host_bytes": self.references.total("host"),
+            },
+            "peak_device_bytes": None if self.on_cpu else self.peak("device"),
+            "peak_host_bytes": self.peak("host"),
             "notes": self.notes,
         }
 
@@ -225,9 +250,17 @@ def _parts(
             " and the output" if out else "") + (" and the host-to-device copy" if transfer else "")
     parts.append(Part("staging", "staging buffers", "device", staging, what))
     parts.append(Part("merged", "merged model", "device", shape.skeleton[dtype], f"the live model in {dtype}"))
+    return parts + _running_parts(shape.dims, device=device, dtype=dtype, workloads=workloads, fused=fused)
+
+
+def _running_parts(dims: Dimensions, *, device: str, dtype: str, workloads: Sequence[Workload], fused: bool) -> list[Part]:
+    """Evaluation (the largest workload on a model of ``dims``), the runtime and a CUDA context."""
+    device_type = torch.device(device).type
+    itemsize = getattr(torch, dtype).itemsize
+    parts = []
     evaluation, label = 0, "no evaluation workload given (weights only)"
     for workload in workloads:
-        size = evaluation_bytes(shape.dims, workload, itemsize, device_type)
+        size = evaluation_bytes(dims, workload, itemsize, device_type)
         if size >= evaluation:
             evaluation = size
             label = (f"{workload.name + ': ' if workload.name else ''}batch {workload.batch_size} × "
@@ -253,12 +286,19 @@ def plan_worker(
     sources: int,
     workloads: Sequence[Workload],
     capacity: Capacity,
+    blueprint: str = "recipe",
+    depth: int | None = None,
 ) -> WorkerPlan:
     """The plan of one worker; ``placement`` 'auto' picks the first placement that fits.
 
     ``operators``: the operator of each tensor (from a recipe of the search space), None for
     blends; ``sources``: how many source models an operator merges (the base not counted).
+    ``blueprint`` 'path': a layer-path search, whose longest candidate has ``depth`` layers (None:
+    the models' own), planned as the path assembler plus the resident merger of its references.
     """
+    if blueprint == "path":
+        return _plan_path(shape, device=device, dtype=dtype, placement=placement, cache_memory=cache_memory,
+                          workloads=workloads, capacity=capacity, depth=depth)
     fused = switched_on() and bool(operators) and largest_consensus(shape, operators) >= MIN_NUMEL
     costs = _tensor_costs(shape, operators, sources)
     plans = {
@@ -279,11 +319,71 @@ def plan_worker(
         else:
             chosen = plans["streamed"]
     chosen.alternatives = alternatives
+    chosen.blueprint = blueprint
     if not chosen.fits:
         chosen.problem = _refusal(chosen, plans, shape, workloads, placement)
     if shape.config_only:
         chosen.notes.append("models described by config.json only: plannable, not runnable")
     return chosen
+
+
+def _plan_path(
+    shape: PoolShape,
+    *,
+    device: str,
+    dtype: str,
+    placement: str,
+    cache_memory: int | None,
+    workloads: Sequence[Workload],
+    capacity: Capacity,
+    depth: int | None,
+) -> WorkerPlan:
+    """A layer-path search: the path assembler's sources and evaluation, then its references' merges."""
+    linear = get_operator("linear")
+    sources = len(shape.names) - (shape.base is not None)
+    references = plan_worker(shape, device=device, dtype=dtype, placement=placement, cache_memory=cache_memory,
+                             operators={t.name: linear for t in shape.tensors}, sources=sources, workloads=workloads,
+                             capacity=capacity)
+    models = len(shape.names)
+    on = "in memory" if torch.device(device).type == "cpu" else "on the device"
+    dims = replace(shape.dims, layers=depth or shape.dims.layers)
+    parts = [
+        Part("sources", "sources", "device", models * shape.skeleton[dtype],
+             f"{models} models loaded in {dtype} {on}; a path links their layers by reference"),
+        Part("staging", "staging buffers", "device", 0, "none (the path assembler copies no weight)"),
+        Part("merged", "merged model", "device", 0, "none: a path's model holds the sources' own tensors"),
+        Part("caches", "operator caches", "device", 0, "none (no operator)"),
+        Part("merge_work", "merge working memory", "device", 0, "none"),
+        *_running_parts(dims, device=device, dtype=dtype, workloads=workloads, fused=False),
+    ]
+    plan = WorkerPlan(device, dtype, references.placement, references.chosen_by, parts, capacity, 0, references.cache_budget, 0,
+                      len(shape.tensors), cache_memory is not None, blueprint="path", references=references)
+    plan.alternatives = {
+        name: {"fits": alt["fits"] and _fits(plan),
+               "device_bytes": None if plan.on_cpu else max(alt["device_bytes"], plan.total("device")),
+               "host_bytes": max(alt["host_bytes"], plan.total("host"))}
+        for name, alt in references.alternatives.items()
+    }
+    plan.notes.append(f"a layer-path search: the path assembler holds every source in {dtype} whatever the placement; "
+                      f"evaluation runs the longest path ({dims.layers} layers)")
+    plan.notes.append(f"at the end, the held-out references (linear merges) use the resident merger with the {references.placement} "
+                      f"placement once the assembler is released: {format_size(references.peak('device' if not plan.on_cpu else 'host'))}"
+                      f"{'' if plan.on_cpu else ' on the device'}; the worker's peak is the larger of the two")
+    for where in ("device", "host"):
+        limit = plan.limit(where)
+        if limit is not None and plan.total(where) > limit:
+            plan.over = where
+    if plan.over is not None:
+        plan.problem = _refusal(plan, {}, replace(shape, dims=dims), workloads, "auto")
+    elif references.problem is not None:
+        plan.over, plan.problem = references.over, f"the held-out references at the end: {references.problem}"
+    return plan
+
+
+def _fits(plan: WorkerPlan) -> bool:
+    """Whether the plan's own parts fit both memories (known limits only)."""
+    limits = {where: plan.limit(where) for where in ("device", "host")}
+    return all(limit is None or plan.total(where) <= limit for where, limit in limits.items())
 
 
 def largest_consensus(shape: PoolShape, operators: Mapping[str, OperatorSpec]) -> int:
@@ -339,7 +439,8 @@ def _refusal(
     limit = plan.limit(where) or 0
     parts = [p for p in plan.parts if (plan.on_cpu or p.where == where) and p.bytes]
     biggest = max(parts, key=lambda p: p.bytes)
-    head = (f"the worker does not fit {memory}: {plan.placement} placement needs {format_size(plan.total(where))} of "
+    who = "the path assembler" if plan.blueprint == "path" else f"{plan.placement} placement"
+    head = (f"the worker does not fit {memory}: {who} needs {format_size(plan.total(where))} of "
             f"{format_size(limit)} usable ({format_size((plan.capacity.host if where == 'host' else plan.capacity.device) or 0)} "
             f"available, {RESERVE:.0%} kept free); the largest part is {biggest.label} ({format_size(biggest.bytes)})")
     return f"{head}; {_option(plan, plans, shape, workloads, asked)}"
@@ -356,8 +457,9 @@ def _option(plan: WorkerPlan, plans: Mapping[str, WorkerPlan], shape: PoolShape,
     caches = plan.part("caches").bytes
     if plan.cache_explicit and caches >= over:
         return f"executor.cache_memory: {format_size(max(0, caches - over))} (or auto) would fit"
-    if plan.dtype == "float32" and plan.part("merged").bytes // 2 >= over:
-        return "executor.dtype: bfloat16 would fit (the merged model in half the memory)"
+    weights = plan.part("sources" if plan.blueprint == "path" else "merged")
+    if plan.dtype == "float32" and weights.bytes // 2 >= over:
+        return f"executor.dtype: bfloat16 would fit (the {weights.label} in half the memory)"
     evaluation = plan.part("evaluation")
     if evaluation.bytes > over and workloads:
         largest = max(workloads, key=lambda w: evaluation_bytes(shape.dims, w, 4, "cpu"))

@@ -1,8 +1,9 @@
 """``evomerge plan FILE``: the memory plan of one worker, as a table or as JSON.
 
 FILE is an experiment (planned as its search runs: the space's operators, the fitness's largest
-evaluation batch), a staged experiment (each stage planned as such an experiment, over the pool at its
-turn) or a recipe (planned as a worker merging it in memory, with no evaluation).
+evaluation batch), a staged experiment (each stage planned in turn; a model an earlier stage
+promotes does not exist yet and stands in with the layout of the experiment's base, or first
+model: a merge keeps it) or a recipe (planned as a worker merging it in memory, with no evaluation).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evomerge.errors import ConfigError
-from evomerge.plan import PoolShape, Workload, WorkerPlan, plan_experiment, plan_worker, query_capacity
+from evomerge.plan import PoolShape, Workload, WorkerPlan, plan_experiment, plan_stages, plan_worker, query_capacity
 from evomerge.plan.shapes import read_pool_shape
 from evomerge.sizes import format_size
 from evomerge.validation import read_yaml
@@ -27,7 +28,7 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    if data.get("stages") is not None:
+    if "stages" in data:
         return _plan_stages(Path(path), device_memory, host_memory)
     if "strategy" in data or "search_space" in data:
         from evomerge.experiment import load_experiment
@@ -41,30 +42,17 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
 
 
 def _plan_stages(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
-    """Each stage's plan. A model promoted by an earlier stage does not exist before it runs: it is
-    planned with the shapes of the experiment's base (else its first model), as the stages are
-    checked before a staged run starts — a merge keeps its sources' shapes."""
-    from evomerge.experiment import check_experiment_file, resolve_experiment, resolve_sources, run_dir_of
-    from evomerge.runtime import get_executor
+    from evomerge.experiment import check_experiment_file, resolve_sources
 
     spec, here, source = check_experiment_file(path)
-    pool = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
-    stand_in = spec.base or next(iter(spec.models))
-    promoted: dict[str, str] = {}
-    stages = []
-    for i, stage in enumerate(spec.stages or []):
-        where = f"{source} (stage {stage.name})"
-        experiment = resolve_experiment(spec.stage_file(i, pool), here, where, run_dir=run_dir_of(None, spec, here) / "stages" / stage.name)
-        here_ = get_executor(experiment.executor.kind).workers_here(experiment.executor)
-        plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=here_)
-        plan.notes.extend(f"'{name}' (promoted by stage {by}) planned with the shapes of '{stand_in}'"
-                          for name, by in promoted.items() if name in experiment.models)
-        stages.append({"stage": stage.name, **_report(where, "experiment", experiment.name, plan, shape, workloads)})
-        for target in stage.promote:
-            pool[target.name] = pool[stand_in]
-            promoted[target.name] = stage.name
-    return {"format": FORMAT, "file": str(path), "kind": "staged", "name": spec.name, "stages": stages,
-            "fits": all(s["fits"] for s in stages)}
+    models = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
+    stages = [
+        {"stage": stage, **_report(experiment.source, "experiment", experiment.name, plan, shape, workloads)}
+        for stage, experiment, plan, shape, workloads in plan_stages(spec, here, source, models, device_memory=device_memory,
+                                                                     host_memory=host_memory)
+    ]
+    return {"format": FORMAT, "file": source, "kind": "staged", "name": spec.name,
+            "fits": all(s["fits"] for s in stages), "stages": stages}
 
 
 def _plan_recipe(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
@@ -120,11 +108,11 @@ def count(n: int) -> str:
 
 def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
     """The plan as a table: each part, where it lives, its size; totals against what is available
-    (a staged experiment's: one such table per stage)."""
+    (a staged experiment: one table per stage)."""
     console = console or Console(highlight=False, width=max(Console().width, 132))
     if report["kind"] == "staged":
-        for stage in report["stages"]:
-            console.rule(f"stage {stage['stage']}")
+        for i, stage in enumerate(report["stages"]):
+            console.print(("\n" if i else "") + f"[bold]stage {stage['stage']}[/bold]")
             print_plan(stage, console)
         return
     on_cpu = report["device_bytes"] is None
@@ -151,13 +139,17 @@ def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
     for where in ("device", "host"):
         if where == "device" and on_cpu:
             continue
-        used, available = report[f"{where}_bytes"], report[f"{where}_available"]
+        used, available = report[f"peak_{where}_bytes"], report[f"{where}_available"]
         label = "host (= device)" if on_cpu else where
         if available is None:
             console.print(f"{label}: {format_size(used)} (available memory unknown here: {report[f'{where}_available_from']})")
         else:
             console.print(f"{label}: {format_size(used)} of {format_size(available)} available "
                           f"({report[f'{where}_available_from']}; {report['reserve']:.0%} kept free)")
+    references = report["references"]
+    if references is not None:
+        sizes = ", ".join(f"{p['label']} {format_size(p['bytes'])}" for p in references["parts"] if p["bytes"])
+        console.print(f"then the held-out references ({references['placement']} placement): {sizes}")
     for note in report["notes"]:
         console.print(f"note: {note}")
     if report["problem"]:

@@ -48,6 +48,7 @@ from evomerge.experiment import (
     resolve_experiment,
     run_dir_of,
 )
+from evomerge.plan import check_plan, plan_stages
 from evomerge.store import DB_NAME, StoreError
 from evomerge.store.files import (
     SUMMARY_FILE,
@@ -222,6 +223,8 @@ def run_stages(
         raise StoreError(f"{root}: not empty; {hint}pass --overwrite to replace a staged run, or choose a new run directory")
     sources = resolve_sources(spec, here, source)
     check_stages(spec, here, source, {name: resolved.ref for name, resolved in sources.items()})
+    for _, experiment, plan, _, _ in plan_stages(spec, here, source, {name: resolved.ref for name, resolved in sources.items()}):
+        check_plan(plan, experiment.source)  # a stage that cannot fit is refused before the first one runs
     data = spec.model_dump(mode="json", exclude_unset=True, exclude={"zoo", "run_dir"})
     data["models"] = {name: resolved.ref for name, resolved in sources.items()}
     if spec.search_space is not None:

@@ -29,15 +29,18 @@ from evomerge.runtime.worker import Worker, WorkerSpec
 
 if TYPE_CHECKING:
     from evomerge.experiment import Experiment
+    from evomerge.spaces.base import SearchSpace
 
 
 def worker_spec(experiment: Experiment, workloads: Sequence[Workload] | None = None) -> WorkerSpec:
     """The worker spec of an experiment (models, fitness, device, dtype, threads, blueprint kind,
     placement); ``workloads``: what its fitness asks of memory if already measured (else measured here)."""
     from evomerge.spaces import space_blueprint
+    from evomerge.spaces.preview import experiment_space
 
     settings = experiment.executor
-    recipe = experiment_recipe(experiment)
+    space = experiment_space(experiment)
+    recipe = initial_recipe(space)
     if workloads is None:
         from evomerge.plan import read_pool_shape, workloads_of
 
@@ -56,17 +59,16 @@ def worker_spec(experiment: Experiment, workloads: Sequence[Workload] | None = N
         cache_memory=settings.cache_bytes,
         recipe=recipe,
         workloads=tuple(workloads),
+        depth=space.depth,
     )
 
 
-def experiment_recipe(experiment: Experiment) -> dict | None:
-    """A recipe the experiment's space decodes to (its initial genome) as plain data, which tells a
-    worker's memory plan the operators of the search; None when the space derives children or
-    its blueprints are not parameter recipes (layer paths)."""
+def initial_recipe(space: SearchSpace) -> dict | None:
+    """A recipe the space decodes to (its initial genome) as plain data, which tells a worker's
+    memory plan the operators of the search; None when the space derives children or its
+    blueprints are not parameter recipes (layer paths)."""
     from evomerge.recipe import Recipe
-    from evomerge.spaces.preview import experiment_space
 
-    space = experiment_space(experiment)
     if space.derives:
         return None
     blueprint = space.decode(space.initial_genome())

@@ -19,6 +19,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.fitness.kinds import FitnessConfig, build_fitness
 from evomerge.fitness.workload import Workload
+from evomerge.recipe import blueprint_kind
 from evomerge.runtime.base import Job, Outcome, Split
 
 
@@ -29,8 +30,9 @@ class WorkerSpec:
     ``blueprint``: the kind the run's space produces (its materializer is built at start).
     ``placement`` (or 'auto') and ``cache_memory`` (bytes, None: what the device has left) are
     settled by the worker's own memory plan at start-up; ``recipe`` (a recipe of the search space,
-    as data; None for blends and paths) and ``workloads`` (what its fitness asks of memory,
-    measured by the driver) are what that plan needs to know about the search.
+    as data; None for blends and paths), ``workloads`` (what its fitness asks of memory,
+    measured by the driver) and ``depth`` (the most layers a candidate runs, None: the models'
+    own) are what that plan needs to know about the search.
     """
 
     models: Mapping[str, str]
@@ -46,6 +48,7 @@ class WorkerSpec:
     cache_memory: int | None = None
     recipe: Mapping[str, Any] | None = None
     workloads: tuple[Workload, ...] = ()
+    depth: int | None = None
 
 
 class Worker:
@@ -116,6 +119,9 @@ class Worker:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         try:
+            if not self.materializers.holds(blueprint_kind(job.recipe)):
+                for fitness in self._fitness.values():  # the previous kind's model must not outlive its materializer
+                    fitness.release()
             model = self.materializers.apply(job.recipe)
             if self.materializers.device.type == "cuda":
                 import torch

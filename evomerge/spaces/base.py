@@ -49,6 +49,9 @@ class SearchSpace(ABC):
 
     derives: bool = False
     """Whether the space combines parents' blueprints (``derive``); strategies that breed need it."""
+    depth: int | None = None
+    """The most decoder layers a candidate's model runs (None: the pool's own); memory plans size
+    the evaluation's KV cache with it."""
 
     @property
     @abstractmethod

@@ -93,6 +93,7 @@ class DataflowSpace(SearchSpace):
             raise ConfigError(f"{source}: fixed_ends: the models have {self.num_layers} layer; expected at least 2")
         self.layers = [(model, layer) for model in self.models for layer in range(self.num_layers)]  # the M layers
         self.slots = [(rep, model, layer) for rep in range(spec.repeats) for model, layer in self.layers]  # T = M·r
+        self.depth = min(len(self.slots), spec.max_layers or len(self.slots))  # a longer path fails before it is assembled
         self._index = {layer: k for k, layer in enumerate(self.layers)}
         low, high = (math.log(v) for v in spec.scale_range)
         self._span = high - low
