@@ -227,7 +227,6 @@ def _parts(
     models = len(shape.names)
     params = shape.parameters()
     largest = shape.largest
-    itemsize = getattr(torch, dtype).itemsize
     parts = []
     stored = sum(shape.stored_bytes(m) for m in shape.names)
     stored_names = sorted({str(t.stored[m]).removeprefix("torch.") for t in shape.tensors for m in shape.names})
