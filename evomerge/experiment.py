@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -442,21 +442,23 @@ PROMOTED = "promoted:"
 """Prefix of the placeholder reference a promoted model has while it does not exist yet."""
 
 
-def _parts(spec: ExperimentFile) -> list[ExperimentFile]:
-    """The experiment, or each stage as an experiment (models promoted by earlier stages as placeholders;
-    a nested MAP's first stages as it will plan them)."""
+def _parts(spec: ExperimentFile) -> Iterator[ExperimentFile]:
+    """The experiment, or each stage as an experiment (models promoted by earlier stages as
+    placeholders), one at a time so that each is checked before the next is made; a nested MAP:
+    the experiment itself (its fitness is what its stages take tasks from), then its first stages
+    as it will plan them."""
     if spec.nested_map is not None and spec.stages is None:
         from evomerge.run.nested import preview_stages
 
+        yield spec.model_copy(update={"nested_map": None})
         spec = spec.model_copy(update={"stages": preview_stages(spec)})
     if spec.stages is None:
-        return [spec]
+        yield spec
+        return
     pool: dict[str, Any] = dict(spec.models)
-    parts = []
     for i, stage in enumerate(spec.stages):
-        parts.append(spec.stage_file(i, pool))
+        yield spec.stage_file(i, pool)
         pool.update({p.name: f"{PROMOTED}{p.name}" for p in stage.promote})
-    return parts
 
 
 def check_experiment_file(path: str | Path) -> tuple[ExperimentFile, Path, str]:

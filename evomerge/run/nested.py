@@ -16,7 +16,8 @@ asks ``next_stage`` whenever the planned ones are done):
   ``a`` then ``b``, the fitness (and held-out fitness) limited to those tasks, and ``promote`` of
   the front member picked by the preferences of those tasks.
 
-Everything the plan depends on is on disk (the planned stages in ``stages.yaml``, the pool, each
+The last merge (``RUN_DIR/pool/merge<N-1>``) is the nested merge of every expert; its stage is the
+run that ``front``, ``report`` and ``export RUN_DIR`` read. Everything the plan depends on is on disk (the planned stages in ``stages.yaml``, the pool, each
 stage's store), so a resumed run plans exactly what an uninterrupted one would.
 """
 
@@ -45,7 +46,11 @@ MERGE = "merge"
 
 def closest_pair(scores: Mapping[str, float]) -> tuple[str, str]:
     """The two models whose single-task scores are closest (a tie: the pair that comes first in
-    ``scores``' order), so that neither side of a merge drowns the other (MAP's nested pairing)."""
+    ``scores``' order), so that neither side of a merge drowns the other (MAP's nested pairing).
+
+    >>> closest_pair({"skill": 0.62, "lang": 0.31, "sort": 0.58})
+    ('skill', 'sort')
+    """
     names = list(scores)
     if len(names) < 2:
         raise ValueError(f"closest_pair: expected at least 2 models, got {len(names)}")
