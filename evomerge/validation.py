@@ -84,9 +84,15 @@ def read_yaml(path: str | Path) -> Any:
     return data
 
 
+MAX_DEPTH = 100
+"""Deepest nesting a YAML input may have: no config field needs more, and the parser reads up to
+~150 levels, deeper than pydantic serializes a value nested inside a config (a staged experiment's)."""
+
+
 def _refuse_cycles(data: Any, path: Path) -> None:
     """A YAML alias inside its own anchor (``&a [*a]``) makes a structure that contains itself,
-    which no config can mean and no serializer can write: a one-line ``ConfigError``."""
+    which no config can mean and no serializer can write; a structure nested more than
+    ``MAX_DEPTH`` levels is no config either: each a one-line ``ConfigError``."""
     stack: list[tuple[Any, int]] = [(data, 0)]
     open_ids: list[int] = []
     while stack:
@@ -94,6 +100,8 @@ def _refuse_cycles(data: Any, path: Path) -> None:
         del open_ids[depth:]
         if not isinstance(node, (dict, list)):
             continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError(f"{path}: invalid YAML: nested more than {MAX_DEPTH} levels deep")
         if id(node) in open_ids:
             raise ConfigError(f"{path}: invalid YAML: an alias refers to its own anchor (the structure contains itself)")
         open_ids.append(id(node))

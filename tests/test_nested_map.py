@@ -220,3 +220,13 @@ def test_nested_map_refuses_stages_a_base_less_pool_and_plain_loading(experiment
     path = experiment(budget={"evaluations": 4})  # a pair's MAP cannot fit its 6 coefficients: said before anything runs
     assert cli.main(["run", str(path), "--run-dir", str(tmp_path / "never"), "--quiet"]) == 2
     assert "(stage merge1)" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_a_value_nested_deeper_than_any_config_is_one_line(experiment, tmp_path, capsys):
+    deep: object = 6
+    for _ in range(150):  # the parser reads it; a stage made of it could not be serialized
+        deep = [deep]
+    path = experiment(strategy={"name": "map", "settings": {"batch_size": deep}})
+    assert cli.main(["run", str(path), "--run-dir", str(tmp_path / "never"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: invalid YAML: nested more than 100 levels deep\n"
+    assert not (tmp_path / "never").exists()
