@@ -273,7 +273,7 @@ class ExperimentFile(_Strict):
             if task not in owner:
                 raise ValueError(f"nested_map.preferences: '{task}' is not an objective of an expert ({', '.join(owner)})")
 
-    def stage_file(self, index: int, models: dict[str, Reference]) -> ExperimentFile:
+    def stage_file(self, index: int, models: dict[str, Reference], source: str = "experiment") -> ExperimentFile:
         """Stage ``index`` as a plain experiment over ``models`` (the pool at its turn): the stage's
         fields over the experiment's, the fitness merged key by key, named ``<name>-<stage>``."""
         stage = self.stages[index] if self.stages else None
@@ -290,7 +290,7 @@ class ExperimentFile(_Strict):
         if "base" not in stage.model_fields_set and self.base not in names:
             data["base"] = None
         data["name"] = f"{self.name}-{stage.name}"
-        return ExperimentFile.model_validate(data)
+        return validate(ExperimentFile, data, f"{source}: stages[{index}] ({stage.name})")
 
     @field_validator("models")
     @classmethod
@@ -433,7 +433,7 @@ def prepare_zoo(path: str | Path) -> None:
     spec, here, source = _read(path)
     if spec.zoo is None:
         return
-    for part in _parts(spec):
+    for part in _parts(spec, source):
         _resolved_parts(part, here, source)
     _build_zoo(spec.zoo, zoo_folder(spec.zoo, here), here, source)
 
@@ -442,7 +442,7 @@ PROMOTED = "promoted:"
 """Prefix of the placeholder reference a promoted model has while it does not exist yet."""
 
 
-def _parts(spec: ExperimentFile) -> Iterator[ExperimentFile]:
+def _parts(spec: ExperimentFile, source: str) -> Iterator[ExperimentFile]:
     """The experiment, or each stage as an experiment (models promoted by earlier stages as
     placeholders), one at a time so that each is checked before the next is made; a nested MAP:
     the experiment itself (its fitness is what its stages take tasks from), then its first stages
@@ -457,7 +457,7 @@ def _parts(spec: ExperimentFile) -> Iterator[ExperimentFile]:
         return
     pool: dict[str, Any] = dict(spec.models)
     for i, stage in enumerate(spec.stages):
-        yield spec.stage_file(i, pool)
+        yield spec.stage_file(i, pool, source)
         pool.update({p.name: f"{PROMOTED}{p.name}" for p in stage.promote})
 
 
@@ -465,7 +465,7 @@ def check_experiment_file(path: str | Path) -> tuple[ExperimentFile, Path, str]:
     """Read and validate an experiment file (every stage of a staged one, its fitness, objectives
     and search spaces) without resolving its models; returns it, its folder and its name."""
     spec, here, source = _read(path)
-    for part in _parts(spec):
+    for part in _parts(spec, source):
         _resolved_parts(part, here, source)
     return spec, here, source
 

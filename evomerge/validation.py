@@ -85,14 +85,13 @@ def read_yaml(path: str | Path) -> Any:
 
 
 MAX_DEPTH = 100
-"""Deepest nesting a YAML input may have: no config field needs more, and the parser reads up to
-~150 levels, deeper than pydantic serializes a value nested inside a config (a staged experiment's)."""
+"""Deepest nesting a config file may have (evomerge's own files nest fewer than 10 levels)."""
 
 
 def _refuse_cycles(data: Any, path: Path) -> None:
-    """A YAML alias inside its own anchor (``&a [*a]``) makes a structure that contains itself,
-    which no config can mean and no serializer can write; a structure nested more than
-    ``MAX_DEPTH`` levels is no config either: each a one-line ``ConfigError``."""
+    """A YAML alias inside its own anchor (``&a [*a]``) makes a structure that contains itself, and
+    nesting hundreds of levels deep breaks serializers: no config means either, so each is a
+    one-line ``ConfigError``."""
     stack: list[tuple[Any, int]] = [(data, 0)]
     open_ids: list[int] = []
     while stack:

@@ -102,6 +102,7 @@ def harness(sandbox, capfd, monkeypatch):
 
     monkeypatch.setattr(session_module, "prepare", prepare_then_stop)
     monkeypatch.setattr(zoo_build, "train", no_training)
+    monkeypatch.setattr(zoo_build, "build_in_child", no_training)  # a portable build trains in a child process
     capfd.readouterr()
 
     def run(args: list[str], *, created: Path | None = None, must_refuse: bool = False) -> str:

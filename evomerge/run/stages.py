@@ -208,7 +208,7 @@ class StagedRun:
         missing = [name for name in stage.models or [] if name not in pool.models]
         if missing:
             raise StoreError(f"{self.root}: stage {stage.name} needs model '{missing[0]}', which is not in the pool yet")
-        spec = self.spec.stage_file(index, pool.models)
+        spec = self.spec.stage_file(index, pool.models, self.source)
         from evomerge.run.nested import SOURCES
 
         fixed = self.spec.nested_map is not None and stage.name == SOURCES  # its budget is the number of experts
@@ -286,7 +286,7 @@ def check_stages(spec: ExperimentFile, here: Path, source: str, models: Mapping[
         num_layers, tensors = opened.layer_map.num_layers, opened.parameter_order()
     pool: dict[str, str] = dict(models)
     for i, stage in enumerate(spec.stages or []):
-        part = spec.stage_file(i, pool)
+        part = spec.stage_file(i, pool, source)
         where = f"{source} (stage {stage.name})"
         space = build_space(inline_space(part.search_space, here, where), PoolInfo(part.models, part.base, num_layers, tensors), f"{where}: search_space")
         fixed = spec.nested_map is not None and stage.name == SOURCES
