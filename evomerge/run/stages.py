@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 from evomerge.display import print_summary
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.experiment import (
     Experiment,
     ExperimentFile,
@@ -258,6 +258,7 @@ def run_stages(
     for i, stage in enumerate(spec.stages or []):
         if stage.search_space is not None:
             data["stages"][i]["search_space"] = inline_space(stage.search_space, here, source)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(root)
     try:
@@ -265,6 +266,13 @@ def run_stages(
         record = {"format": FORMAT, "source": source, "here": str(here), "budget": budget, "seed": seed, "experiment": data}
         write_atomic(root / STAGES_FILE, yaml.safe_dump(record, sort_keys=False))
         return _continue(StagedRun.load(root), progress=progress, ray_address=ray_address)
+    except EvomergeError:
+        if not (root / STAGES_DIR).exists():  # refused by the first stage's checks before it recorded anything
+            lock.release()
+            clear_staged(root)
+            if created:
+                _remove_if_empty(root)
+        raise
     finally:
         lock.release()
 
