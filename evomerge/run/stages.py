@@ -260,19 +260,28 @@ def run_stages(
             data["stages"][i]["search_space"] = inline_space(stage.search_space, here, source)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    locked_before = (root / LOCK_NAME).exists()
     lock = RunLock.acquire(root)
     try:
         GrowingPool.create(root, data["models"], {n: {"written": spec.models[n], **r.record()} for n, r in sources.items()})
         record = {"format": FORMAT, "source": source, "here": str(here), "budget": budget, "seed": seed, "experiment": data}
         write_atomic(root / STAGES_FILE, yaml.safe_dump(record, sort_keys=False))
-        return _continue(StagedRun.load(root), progress=progress, ray_address=ray_address)
-    except EvomergeError:
-        if not (root / STAGES_DIR).exists():  # refused by the first stage's checks before it recorded anything
-            lock.release()
-            clear_staged(root)
-            if created:
-                _remove_if_empty(root)
-        raise
+        try:
+            return _continue(StagedRun.load(root), progress=progress, ray_address=ray_address)
+        except EvomergeError:
+            staged = StagedRun.load(root)  # with the stages planned so far (a nested run plans its first one)
+            if all(staged.state(name) == "pending" for name in staged.names):  # refused before a stage began: leave nothing behind
+                for name in (STAGES_FILE, POOL_FILE):
+                    (root / name).unlink(missing_ok=True)
+                for name in staged.names:
+                    _remove_if_empty(staged.stage_dir(name))
+                for name in (STAGES_DIR, POOL_DIR):
+                    _remove_if_empty(root / name)
+                if created:
+                    _remove_if_empty(root)
+                elif not locked_before:
+                    (root / LOCK_NAME).unlink(missing_ok=True)
+            raise
     finally:
         lock.release()
 
