@@ -230,3 +230,11 @@ def test_a_value_nested_deeper_than_any_config_is_one_line(experiment, tmp_path,
     assert cli.main(["run", str(path), "--run-dir", str(tmp_path / "never"), "--quiet"]) == 2
     assert capsys.readouterr().err == f"error: {path}: invalid YAML: nested more than 100 levels deep\n"
     assert not (tmp_path / "never").exists()
+
+
+def test_evomerge_plan_plans_the_sources_stage_and_the_first_merge(experiment):
+    from evomerge.plan.report import plan_file
+
+    plan = plan_file(experiment())
+    assert plan["kind"] == "staged" and [s["stage"] for s in plan["stages"]] == ["sources", "merge1"]
+    assert plan["fits"] is True

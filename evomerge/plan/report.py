@@ -27,7 +27,7 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    if data.get("stages") is not None:
+    if data.get("stages") is not None or data.get("nested_map") is not None:
         return _plan_stages(Path(path), device_memory, host_memory)
     if "strategy" in data or "search_space" in data:
         from evomerge.experiment import load_experiment
@@ -43,11 +43,16 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
 def _plan_stages(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
     """Each stage's plan. A model promoted by an earlier stage does not exist before it runs: it is
     planned with the shapes of the experiment's base (else its first model), as the stages are
-    checked before a staged run starts — a merge keeps its sources' shapes."""
+    checked before a staged run starts — a merge keeps its sources' shapes. A nested MAP plans its
+    ``sources`` stage and its first merge (every later merge has the same models' shapes)."""
     from evomerge.experiment import check_experiment_file, resolve_experiment, resolve_sources, run_dir_of
     from evomerge.runtime import get_executor
 
     spec, here, source = check_experiment_file(path)
+    if spec.nested_map is not None and spec.stages is None:
+        from evomerge.run.nested import preview_stages
+
+        spec = spec.model_copy(update={"stages": preview_stages(spec)})
     pool = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
     stand_in = spec.base or next(iter(spec.models))
     promoted: dict[str, str] = {}
