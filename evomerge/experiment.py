@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -151,6 +151,45 @@ class StageConfig(_Strict):
         return _folder_name(value)
 
 
+class NestedMapConfig(_Strict):
+    """Nested MAP (``evomerge.run.nested``): the experts merged pair by pair, each pair by a MAP run
+    over its tasks, the pick of each run joining the pool for the next pairing."""
+
+    experts: dict[str, list[str]] = Field(
+        min_length=2, description="expert model -> the objectives (tasks) it is the expert of; every expert is merged"
+    )
+    preferences: dict[str, float] = Field(
+        default_factory=dict, description="objective -> weight of the front pick of each merge (default 1 each)"
+    )
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: [tasks] if isinstance(tasks, str) else tasks for name, tasks in value.items()}
+        return value
+
+    @field_validator("preferences")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not weight > 0:
+                raise ValueError(f"{name}: expected a positive weight, got {weight}")
+        return value
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every expert's objectives, in the experts' order."""
+        return [task for tasks in self.experts.values() for task in tasks]
+
+    def preference(self, task: str) -> float:
+        return self.preferences.get(task, 1.0)
+
+
+NESTED_MERGE = re.compile(r"^merge[0-9]+$")
+"""Names nested MAP gives its merges (no model of the experiment may have one)."""
+
+
 class ExperimentFile(_Strict):
     """The YAML form of an experiment (before paths are resolved)."""
 
@@ -173,6 +212,7 @@ class ExperimentFile(_Strict):
     checkpoint_every: int = Field(default=10, ge=1)
     run_dir: PathText | None = None
     stages: list[StageConfig] | None = Field(default=None, min_length=1, description="runs in order over a growing pool")
+    nested_map: NestedMapConfig | None = Field(default=None, description="merge the experts pair by pair by MAP (plans its own stages)")
 
     @field_validator("name")
     @classmethod
@@ -183,6 +223,8 @@ class ExperimentFile(_Strict):
     def _complete(self) -> ExperimentFile:
         """Without stages, search_space, strategy and budget are required; with stages, every stage
         has them (its own or the experiment's) and names only models of the pool at its turn."""
+        if self.nested_map is not None:
+            self._check_nested(self.nested_map)
         if self.stages is None:
             for field in ("search_space", "strategy", "budget"):
                 if getattr(self, field) is None:
@@ -208,13 +250,36 @@ class ExperimentFile(_Strict):
                 pool.append(promotion.name)
         return self
 
+    def _check_nested(self, nested: NestedMapConfig) -> None:
+        """Every expert a model other than the base, every task an objective of one expert only."""
+        if self.base is None:
+            raise ValueError("base: nested_map merges task vectors over a base; name the base model")
+        for name in self.models:
+            if NESTED_MERGE.match(name):
+                raise ValueError(f"models: '{name}' is a name nested_map gives its merges; rename the model")
+        owner: dict[str, str] = {}
+        for name, tasks in nested.experts.items():
+            if name not in self.models or name == self.base:
+                raise ValueError(f"nested_map.experts: '{name}' is not a model other than the base ({', '.join(self.models)})")
+            if not tasks:
+                raise ValueError(f"nested_map.experts.{name}: expected at least one objective")
+            for task in tasks:
+                if task not in self.objectives:
+                    raise ValueError(f"nested_map.experts.{name}: '{task}' is not one of the objectives ({', '.join(self.objectives)})")
+                if task in owner:
+                    raise ValueError(f"nested_map.experts.{name}: '{task}' is already the objective of '{owner[task]}'")
+                owner[task] = name
+        for task in nested.preferences:
+            if task not in owner:
+                raise ValueError(f"nested_map.preferences: '{task}' is not an objective of an expert ({', '.join(owner)})")
+
     def stage_file(self, index: int, models: dict[str, Reference], source: str = "experiment") -> ExperimentFile:
         """Stage ``index`` as a plain experiment over ``models`` (the pool at its turn): the stage's
         fields over the experiment's, the fitness merged key by key, named ``<name>-<stage>``."""
         stage = self.stages[index] if self.stages else None
         if stage is None:
             raise ValueError("not a staged experiment")
-        data = self.model_dump(mode="json", exclude={"stages"}, exclude_unset=True)
+        data = self.model_dump(mode="json", exclude={"stages", "nested_map"}, exclude_unset=True)
         for field in STAGE_FIELDS:
             if field in stage.model_fields_set:
                 data[field] = stage.model_dump(mode="json", include={field})[field]
@@ -325,7 +390,7 @@ def load_experiment(
     one-line error says how to build it); ``prepare_zoo`` builds it, as ``evomerge run`` does.
     """
     spec, here, source = _read(path)
-    if spec.stages is not None:
+    if spec.stages is not None or spec.nested_map is not None:
         raise ConfigError(f"{source}: has stages; run it with `evomerge run` (each stage is a run under RUN_DIR/stages/)")
     return resolve_experiment(spec, here, source, run_dir=_run_dir(run_dir, spec, here), budget=budget, seed=seed)
 
@@ -377,16 +442,23 @@ PROMOTED = "promoted:"
 """Prefix of the placeholder reference a promoted model has while it does not exist yet."""
 
 
-def _parts(spec: ExperimentFile, source: str) -> list[ExperimentFile]:
-    """The experiment, or each stage as an experiment (models promoted by earlier stages as placeholders)."""
+def _parts(spec: ExperimentFile, source: str) -> Iterator[ExperimentFile]:
+    """The experiment, or each stage as an experiment (models promoted by earlier stages as
+    placeholders), one at a time so that each is checked before the next is made; a nested MAP:
+    the experiment itself (its fitness is what its stages take tasks from), then its first stages
+    as it will plan them."""
+    if spec.nested_map is not None and spec.stages is None:
+        from evomerge.run.nested import preview_stages
+
+        yield spec.model_copy(update={"nested_map": None})
+        spec = spec.model_copy(update={"stages": preview_stages(spec)})
     if spec.stages is None:
-        return [spec]
+        yield spec
+        return
     pool: dict[str, Any] = dict(spec.models)
-    parts = []
     for i, stage in enumerate(spec.stages):
-        parts.append(spec.stage_file(i, pool, source))
+        yield spec.stage_file(i, pool, source)
         pool.update({p.name: f"{PROMOTED}{p.name}" for p in stage.promote})
-    return parts
 
 
 def check_experiment_file(path: str | Path) -> tuple[ExperimentFile, Path, str]:
@@ -405,6 +477,8 @@ def _read(path: str | Path) -> tuple[ExperimentFile, Path, str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     spec = validate(ExperimentFile, data, source)
+    if spec.nested_map is not None and spec.stages is not None:
+        raise ConfigError(f"{source}: stages: nested_map plans its own stages; drop one of them")
     parse_executor(spec.executor, source)
     return spec, path.resolve().parent, source
 

@@ -100,7 +100,8 @@ def _staged_status(folder: Path) -> dict[str, Any]:
     latest = latest_stage_dir(folder)
     if latest is None:
         return {"run_dir": str(folder.resolve()), "name": staged["name"], "staged": staged, "done": False}
-    return {**run_status(latest), "staged": staged, "done": staged["stage"] is None}
+    done = staged["stage"] is None and (folder / SUMMARY_FILE).is_file()  # a planning experiment may add stages
+    return {**run_status(latest), "staged": staged, "done": done}
 
 
 def _strategy_state(experiment: dict[str, Any], results: list[Any], parents: dict[int, tuple[int, ...]]) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    if "stages" in data:
+    if data.get("stages") is not None or data.get("nested_map") is not None:
         return _plan_stages(Path(path), device_memory, host_memory)
     if "strategy" in data or "search_space" in data:
         from evomerge.experiment import load_experiment
@@ -42,9 +42,16 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
 
 
 def _plan_stages(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
+    """Each stage's plan (``plan_stages``: a model promoted by an earlier stage is planned with the
+    shapes of the experiment's base). A nested MAP plans its ``sources`` stage and its first merge
+    (every later merge has the same models' shapes)."""
     from evomerge.experiment import check_experiment_file, resolve_sources
 
     spec, here, source = check_experiment_file(path)
+    if spec.nested_map is not None and spec.stages is None:
+        from evomerge.run.nested import preview_stages
+
+        spec = spec.model_copy(update={"stages": preview_stages(spec)})
     models = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
     stages = [
         {"stage": stage, **_report(experiment.source, "experiment", experiment.name, plan, shape, workloads)}

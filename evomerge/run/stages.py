@@ -25,6 +25,12 @@ pinned reference; ``promote(name, run_dir, pick)`` exports a finished run's pick
 ``add(name, folder, record)`` registers a model made otherwise. Every change is written to
 ``pool.json`` atomically after the model's folder is complete, so a crash leaves the pool as it
 was before the change or after it.
+
+**Planned stages.** A staged experiment may plan its stages as it goes: when every stage listed
+in ``stages.yaml`` is done (and promoted), ``next_stage`` asks the experiment's planner for one
+more, appends it to ``stages.yaml`` and runs it. ``nested_map`` experiments plan this way
+(``evomerge.run.nested``: the pair with the closest scores, merged by MAP, until one model is left);
+the plan depends only on what is on disk, so a resumed run plans what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def is_staged(experiment_path: str | Path) -> bool:
         data = read_yaml(experiment_path)
     except ConfigError:
         return False
-    return isinstance(data, dict) and "stages" in data
+    return isinstance(data, dict) and ("stages" in data or "nested_map" in data)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,21 @@ class StagedRun:
     def names(self) -> list[str]:
         return [stage.name for stage in self.spec.stages or []]
 
+    def next_stage(self, pool: GrowingPool) -> StagedRun | None:
+        """The run with one more stage from the experiment's planner (written to ``stages.yaml``
+        first), or None when it plans no more (an experiment of fixed ``stages``: never)."""
+        if self.spec.nested_map is None:
+            return None
+        from evomerge.run.nested import next_stage
+
+        stage = next_stage(self.spec, self.root, pool.entries)
+        if stage is None:
+            return None
+        data = read_staged(self.root)
+        data["experiment"]["stages"] = [*(data["experiment"].get("stages") or []), stage.model_dump(mode="json", exclude_unset=True)]
+        write_atomic(self.root / STAGES_FILE, yaml.safe_dump(data, sort_keys=False))
+        return StagedRun.load(self.root)
+
     def stage_dir(self, name: str) -> Path:
         return stage_dir(self.root, name)
 
@@ -189,8 +210,16 @@ class StagedRun:
         if missing:
             raise StoreError(f"{self.root}: stage {stage.name} needs model '{missing[0]}', which is not in the pool yet")
         spec = self.spec.stage_file(index, pool.models, self.source)
+        from evomerge.run.nested import SOURCES
+
+        fixed = self.spec.nested_map is not None and stage.name == SOURCES  # its budget is the number of experts
         experiment = resolve_experiment(
-            spec, self.here, f"{self.source} (stage {stage.name})", run_dir=self.stage_dir(stage.name), budget=self.budget, seed=self.seed
+            spec,
+            self.here,
+            f"{self.source} (stage {stage.name})",
+            run_dir=self.stage_dir(stage.name),
+            budget=None if fixed else self.budget,
+            seed=self.seed,
         )
         origins = {name: {**experiment.origins.get(name, {}), **pool.entries[name].origin} for name in experiment.models}
         return experiment.model_copy(update={"origins": origins})
@@ -222,7 +251,7 @@ def run_stages(
         hint = f"resume it with `evomerge resume {root}`, " if (root / STAGES_FILE).is_file() else ""
         raise StoreError(f"{root}: not empty; {hint}pass --overwrite to replace a staged run, or choose a new run directory")
     sources = resolve_sources(spec, here, source)
-    check_stages(spec, here, source, {name: resolved.ref for name, resolved in sources.items()})
+    check_stages(spec, here, source, {name: resolved.ref for name, resolved in sources.items()}, budget=budget)
     for _, experiment, plan, _, _ in plan_stages(spec, here, source, {name: resolved.ref for name, resolved in sources.items()}):
         check_plan(plan, experiment.source)  # a stage that cannot fit is refused before the first one runs
     data = spec.model_dump(mode="json", exclude_unset=True, exclude={"zoo", "run_dir"})
@@ -240,14 +269,15 @@ def run_stages(
         GrowingPool.create(root, data["models"], {n: {"written": spec.models[n], **r.record()} for n, r in sources.items()})
         record = {"format": FORMAT, "source": source, "here": str(here), "budget": budget, "seed": seed, "experiment": data}
         write_atomic(root / STAGES_FILE, yaml.safe_dump(record, sort_keys=False))
-        staged = StagedRun.load(root)
         try:
-            return _continue(staged, progress=progress, ray_address=ray_address)
+            return _continue(StagedRun.load(root), progress=progress, ray_address=ray_address)
         except EvomergeError:
-            if staged.state(staged.names[0]) == "pending":  # refused before its first stage began: leave nothing behind
+            staged = StagedRun.load(root)  # with the stages planned so far (a nested run plans its first one)
+            if all(staged.state(name) == "pending" for name in staged.names):  # refused before a stage began: leave nothing behind
                 for name in (STAGES_FILE, POOL_FILE):
                     (root / name).unlink(missing_ok=True)
-                _remove_if_empty(staged.stage_dir(staged.names[0]))
+                for name in staged.names:
+                    _remove_if_empty(staged.stage_dir(name))
                 for name in (STAGES_DIR, POOL_DIR):
                     _remove_if_empty(root / name)
                 if created:
@@ -259,15 +289,19 @@ def run_stages(
         lock.release()
 
 
-def check_stages(spec: ExperimentFile, here: Path, source: str, models: Mapping[str, str]) -> None:
-    """Build every stage's search space and strategy before anything runs, so that a mistake in the
-    last stage is reported before the first one spends its budget. Models promoted by earlier stages
-    do not exist yet: they stand in with the layout of the experiment's own models (a merge keeps it)."""
+def check_stages(spec: ExperimentFile, here: Path, source: str, models: Mapping[str, str], *, budget: int | None = None) -> None:
+    """Build every stage's search space and strategy (with its budget: ``budget`` overrides it, as
+    on the command line) before anything runs, so that a mistake in the last stage is reported
+    before the first one spends its budget. Models promoted by earlier stages do not exist yet:
+    they stand in with the layout of the experiment's own models (a merge keeps it)."""
     from evomerge.experiment import PROMOTED, inline_space
     from evomerge.pool import ModelPool
+    from evomerge.run.nested import SOURCES, preview_stages
     from evomerge.search import build_strategy
     from evomerge.spaces import PoolInfo, build_space
 
+    if spec.nested_map is not None and spec.stages is None:
+        spec = spec.model_copy(update={"stages": preview_stages(spec)})
     with ModelPool.open(dict(models), spec.base) as opened:
         num_layers, tensors = opened.layer_map.num_layers, opened.parameter_order()
     pool: dict[str, str] = dict(models)
@@ -275,9 +309,19 @@ def check_stages(spec: ExperimentFile, here: Path, source: str, models: Mapping[
         part = spec.stage_file(i, pool, source)
         where = f"{source} (stage {stage.name})"
         space = build_space(inline_space(part.search_space, here, where), PoolInfo(part.models, part.base, num_layers, tensors), f"{where}: search_space")
-        build_strategy(
-            part.strategy.name, space.layout, n_objectives=len(part.objectives), settings=part.strategy.settings, source=f"{where}: strategy"
-        )
+        fixed = spec.nested_map is not None and stage.name == SOURCES
+        evaluations = part.budget.evaluations if budget is None or fixed else budget
+        try:
+            build_strategy(
+                part.strategy.name,
+                space.layout,
+                n_objectives=len(part.objectives),
+                settings=part.strategy.settings,
+                source=f"{where}: strategy",
+                budget=evaluations,
+            )
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
         pool.update({p.name: f"{PROMOTED}{p.name}" for p in stage.promote})
 
 
@@ -298,17 +342,25 @@ def _continue(staged: StagedRun, *, progress: bool, ray_address: str | None) -> 
 
     pool = GrowingPool.load(staged.root)
     summaries: dict[str, dict[str, Any]] = {}
-    for index, stage in enumerate(staged.spec.stages or []):
+    index = 0
+    while True:
+        if index == len(staged.names):
+            planned = staged.next_stage(pool)
+            if planned is None:
+                break
+            staged = planned
+        stage = staged.spec.stages[index]  # type: ignore[index]
+        index += 1
         state = staged.state(stage.name)
         folder = staged.stage_dir(stage.name)
         if state == "pending":
             if progress:
-                print(f"stage {index + 1}/{len(staged.names)}: {stage.name}", flush=True)
-            experiment = with_ray_address(staged.experiment(index, pool), ray_address)
+                print(f"stage {index}/{len(staged.names)}: {stage.name}", flush=True)
+            experiment = with_ray_address(staged.experiment(index - 1, pool), ray_address)
             summaries[stage.name] = start_experiment(experiment, progress=progress)
         else:
             if state == "started" and progress:
-                print(f"stage {index + 1}/{len(staged.names)}: {stage.name} (resumed)", flush=True)
+                print(f"stage {index}/{len(staged.names)}: {stage.name} (resumed)", flush=True)
             summaries[stage.name] = resume_run(folder, progress=progress and state == "started", ray_address=ray_address)
         for promotion in stage.promote:
             pool.promote(promotion.name, folder, stage=stage.name, pick=promotion.pick, progress=progress)
