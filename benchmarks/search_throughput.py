@@ -2,7 +2,7 @@
 
 Builds a family of random-init Llamas shaped like the tiny zoo (hidden 128, 4 layers, vocabulary
 ``--vocab-size``: about 1 M parameters; two experts perturbed from the base), writes a
-generate_until task of ``--examples`` arithmetic prompts, and runs ``evomerge.driver.start_run``
+generate_until task of ``--examples`` arithmetic prompts, and runs ``evomerge.run.start_run``
 on an experiment: per-layer task arithmetic, CMA-ES, the lm-eval fitness, the local executor,
 ``--budget`` candidates. Everything is read back from the run store afterwards:
 
@@ -36,8 +36,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
-from evomerge.driver import start_run  # noqa: E402
 from evomerge.experiment import Experiment, load_experiment  # noqa: E402
+from evomerge.run import start_run  # noqa: E402
 from evomerge.spaces import PoolInfo, build_space  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
 from evomerge.zoo.pico import build_pico  # noqa: E402

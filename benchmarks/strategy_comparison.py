@@ -22,7 +22,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evomerge.driver import start_run  # noqa: E402
+from evomerge.run import start_run  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,10 +34,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import zoo_fitness  # noqa: E402  (needs the path above)
-from evomerge.driver import start_run  # noqa: E402
+
 from evomerge.materialize import ResidentMerger  # noqa: E402
 from evomerge.pool import ModelPool  # noqa: E402
 from evomerge.recipe import Recipe, recipe_from_dict  # noqa: E402
+from evomerge.run import start_run  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
 from evomerge.zoo.index import SettingEntry, ZooIndex  # noqa: E402
 

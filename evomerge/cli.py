@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +17,14 @@ from pathlib import Path
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '1.5GiB' or a byte count → bytes (powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got '{text}'")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** " KMGT".index(unit or " "))
+    from evomerge.sizes import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -67,7 +64,7 @@ def _cmd_zoo_pico(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.driver import start_run
+    from evomerge.run import start_run
 
     start_run(
         args.experiment,
@@ -79,6 +76,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
     )
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from evomerge.plan.report import plan_file, print_plan
+
+    report = plan_file(args.experiment, device_memory=args.device_memory, host_memory=args.host_memory)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_plan(report)
+    return 0 if report["fits"] else 1
 
 
 def _cmd_space(args: argparse.Namespace) -> int:
@@ -98,7 +106,7 @@ def _cmd_space(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.driver import resume_run
+    from evomerge.run import resume_run
 
     resume_run(args.run_dir, progress=not args.quiet, ray_address=args.ray_address)
     return 0
@@ -106,20 +114,29 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_front(args: argparse.Namespace) -> int:
     from evomerge.inspection import RunView, pareto_front
+    from evomerge.inspection.front import reference_points
 
     view = RunView.load(args.run_dir)
     objectives = args.objectives.split(",") if args.objectives else None
     members = pareto_front(view, objectives)
+    references = reference_points(view, objectives, members)
     if args.json:
         print(json.dumps({"run_dir": str(view.run_dir), "state": view.state, "objectives": objectives or view.objectives,
-                          "front": [m.to_json() for m in members]}, indent=2))
+                          "front": [m.to_json() for m in members], "stopped_early": [r.ticket for r in view.estimates()],
+                          "references": [r.to_json() for r in references]}, indent=2))
         return 0
     names = view.objectives
-    print(f"{view.name}: {len(members)} non-dominated of {len(view.ok_results())} successful candidates ({view.state})")
+    stopped = len(view.estimates())
+    raced = f"; {stopped} more stopped early by racing (estimates, not ranked)" if stopped else ""
+    print(f"{view.name}: {len(members)} non-dominated of {len(view.ok_results())} successful candidates{raced} ({view.state})")
     for m in members:
         val = " ".join(f"{n}={m.objectives[n]:.4g}" for n in names)
         test = "" if m.heldout is None else "  test " + " ".join(f"{n}={m.heldout[n]:.4g}" for n in names)
         print(f"  #{m.candidate:<5d} {val}{test}  |  {m.summary}")
+    if references:
+        where = [f"{r.name} #{r.candidate} " + ("on the front" if r.dominated_by is None else f"dominated by #{r.dominated_by}")
+                 for r in references]
+        print("references: " + "; ".join(where))
     return 0
 
 
@@ -213,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--ray-address", default=None, help="continue on this Ray cluster ('auto', 'ray://host:10001')")
     resume.add_argument("--quiet", action="store_true", help="no live progress and no summary table")
     resume.set_defaults(func=_cmd_resume)
+
+    plan = commands.add_parser("plan", parents=[debug], help="memory of one worker: each part vs the device and host (exit 1: does not fit)")
+    plan.add_argument("experiment", help="experiment YAML (or a recipe, planned as an in-memory merge)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output (fields in the README)")
+    plan.add_argument("--device-memory", type=parse_size, default=None, help="the worker device's memory, e.g. 80GB (default: queried)")
+    plan.add_argument("--host-memory", type=parse_size, default=None, help="the worker host's memory, e.g. 512GB (default: queried)")
+    plan.set_defaults(func=_cmd_plan)
 
     space = commands.add_parser("space", parents=[debug], help="an experiment's search space: genes and a decoded recipe")
     space.add_argument("experiment", help="experiment YAML")

@@ -20,3 +20,7 @@ class ConfigError(EvomergeError):
 
 class ModelError(EvomergeError):
     """A model folder is missing, unreadable or incompatible with the others."""
+
+
+class DatasetError(ConfigError):
+    """A fitness task's dataset cannot be loaded (not cached while offline, unreadable files)."""

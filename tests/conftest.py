@@ -12,10 +12,14 @@ Any test may use:
   a fresh family in a new temporary folder.
 * ``pico_builder`` (session): ``build_pico`` itself, for tests that choose the folder:
   ``pico_builder(out_dir, arch="llama", seed=1, perturb_from=base) -> Path``.
+* ``hf_cache`` (function): a Hugging Face cache in a temporary ``HF_HOME``, laid out as
+  huggingface_hub writes it; ``hf_cache.publish("org/name", folder, revisions=("main",)) -> commit``
+  adds a snapshot of ``folder``'s files (blobs, snapshot symlinks, refs) without any network.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -60,3 +64,48 @@ def pico_family(make_pico_family: Callable[..., dict[str, Path]]) -> dict[str, P
 def pico_builder() -> Callable[..., Path]:
     """``build_pico(out_dir, **kw) -> Path`` for tests that pick the output folder themselves."""
     return build_pico
+
+
+class FakeHubCache:
+    """A hub cache folder: ``models--org--name/{blobs,refs,snapshots/<commit>}`` as huggingface_hub lays it out."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.hub = home / "hub"
+
+    def repo(self, repo_id: str) -> Path:
+        return self.hub / ("models--" + repo_id.replace("/", "--"))
+
+    def publish(
+        self, repo_id: str, folder: Path, *, revisions: tuple[str, ...] = ("main",), skip: tuple[str, ...] = ()
+    ) -> str:
+        """Add ``folder``'s files (but ``skip``) as a new commit of ``repo_id``; ``revisions`` point at it."""
+        files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name not in skip)
+        digest = hashlib.sha1(repo_id.encode())
+        for file in files:
+            digest.update(file.name.encode() + file.read_bytes())
+        commit = digest.hexdigest()
+        repo = self.repo(repo_id)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (repo / "blobs").mkdir(exist_ok=True)
+        for file in files:
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+        for revision in revisions:
+            ref = repo / "refs" / revision
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(commit)
+        return commit
+
+
+@pytest.fixture
+def hf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> FakeHubCache:
+    """An empty Hugging Face cache under a temporary HF_HOME (offline, as every test)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    return FakeHubCache(home)

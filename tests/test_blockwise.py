@@ -10,8 +10,7 @@ from evomerge.io.safetensors_reader import TensorIndex
 from evomerge.io.safetensors_writer import ShardedSafetensorsWriter
 from evomerge.materialize import ResidentMerger, export_merge
 from evomerge.materialize import blocks as blocks_module
-from evomerge.merge import OPERATORS, register_operator
-from evomerge.merge import chunking
+from evomerge.merge import OPERATORS, chunking, register_operator
 from evomerge.merge.sparsify import (
     breadcrumbs_ranks,
     l1_rescale,

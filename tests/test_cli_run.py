@@ -180,3 +180,106 @@ def test_space_prints_genes_and_the_decoded_recipe(experiment, pico_family, caps
     assert capsys.readouterr().err == f"error: --genome: expected {len(genes)} numbers in [0, 1], got 2 value(s) '1,2'\n"
     assert cli.main(["space", str(experiment), "--genome", "x"]) == 2
     assert "--genome: expected 'init', 'random' or" in capsys.readouterr().err
+
+
+# -- what --overwrite may delete --------------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes): what must survive a refused command."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _callable(experiment: Path, **changes) -> Path:
+    data = yaml.safe_load(experiment.read_text())
+    data.update(fitness={"python": "fitness.py:score"}, heldout=None, budget={"evaluations": 3}, **changes)
+    (experiment.parent / "fitness.py").write_text(
+        "def score(model, tokenizer):\n    return {'x': float(model.lm_head.weight.detach().double().sum())}\n"
+    )
+    experiment.write_text(yaml.safe_dump(data))
+    return experiment
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(experiment, tmp_path, capsys):
+    """A thesis and a src/ tree named as the run directory (by --run-dir or by run_dir:) are not
+    touched: one line, exit 2, not even a lock file; nor is a folder whose run.sqlite is not ours."""
+    user = tmp_path / "thesis"
+    (user / "src" / "pkg").mkdir(parents=True)
+    (user / "thesis.tex").write_text("\\chapter{Results}\n")
+    (user / "src" / "pkg" / "main.py").write_text("print('years of work')\n")
+    (user / "src" / "notes.md").write_text("todo\n")
+    before = _files(user)
+    refusal = (
+        f"error: {user}: not an evomerge run (no run.sqlite) and not empty; --overwrite only replaces a run, "
+        "so nothing was deleted: choose a new run directory\n"
+    )
+    _callable(experiment)
+    assert cli.main(["run", str(experiment), "--run-dir", str(user), "--overwrite", "--quiet"]) == 2
+    assert capsys.readouterr().err == refusal
+    assert _files(user) == before and sorted(p.name for p in user.iterdir()) == ["src", "thesis.tex"]
+
+    _callable(experiment, run_dir="thesis")
+    assert cli.main(["run", str(experiment), "--overwrite", "--quiet"]) == 2
+    assert capsys.readouterr().err == refusal
+    assert _files(user) == before
+
+    (user / "run.sqlite").write_text("my own database\n")
+    before = _files(user)
+    assert cli.main(["run", str(experiment), "--overwrite", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {user / 'run.sqlite'}: not an evomerge run store (file is not a database); "
+        "--overwrite only replaces an evomerge run, so nothing was deleted\n"
+    )
+    assert _files(user) == before
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["run", str(experiment), "--run-dir", str(empty), "--overwrite", "--quiet"]) == 0
+    with RunStore.open_reader(empty) as store:
+        assert store.count() == 3
+
+
+def test_overwrite_replaces_only_what_a_run_wrote(experiment, tmp_path, capsys):
+    """User files beside a run (and inside its report folder) survive --overwrite; every file the
+    old run, its report and its status wrote is replaced by the new run's."""
+    from evomerge.inspection.report import write_report
+
+    _callable(experiment)
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert cli.main(["run", str(experiment), "--run-dir", str(run), "--quiet"]) == 0
+    write_report(run)
+    assert (run / "report" / "index.html").is_file() and list((run / "report").glob("*.png"))
+    user = {"notes.txt": b"what I tried\n", "data/x.csv": b"1,2\n", "report/mine.md": b"my reading of it\n"}
+    for name, content in user.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(content)
+    with RunStore.open_reader(run) as store:
+        first_created = store.metadata["created"]
+
+    assert cli.main(["run", str(experiment), "--run-dir", str(run), "--overwrite", "--seed", "1", "--quiet"]) == 0
+    assert cli.main(["run", str(experiment), "--run-dir", str(fresh), "--seed", "1", "--quiet"]) == 0
+    after = _files(run)
+    assert {name: after[name] for name in user} == user
+    assert set(after) == set(user) | set(_files(fresh))  # the old report's page and figures are gone
+    with RunStore.open_reader(run) as store:
+        assert store.metadata["created"] > first_created and store.metadata["experiment"]["seed"] == 1
+
+
+def test_builtin_task_offline_without_its_dataset_is_refused_before_the_run_dir(
+    experiment, tmp_path, capsys, monkeypatch
+):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    data = yaml.safe_load(experiment.read_text())
+    data["fitness"]["tasks"] = [{"task": "arc_easy", "metric": "acc"}]
+    experiment.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert cli.main(["run", str(experiment), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fitness task 'arc_easy': dataset allenai/ai2_arc (ARC-Easy) is not in the local")
+    assert "HF_DATASETS_OFFLINE=1" in err and "\n" not in err
+    assert not run.exists()

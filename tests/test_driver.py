@@ -20,12 +20,13 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from evomerge import cli
-from evomerge.driver import EXPERIMENT_FILE, reference_recipes, resume_run, start_run
 from evomerge.errors import ConfigError
 from evomerge.experiment import load_experiment
+from evomerge.run import reference_recipes, resume_run, start_run
 from evomerge.search import STRATEGIES, Proposal, Strategy, register_strategy
 from evomerge.status import SUMMARY_FILE, run_status
 from evomerge.store import RunStore, StoreError
+from evomerge.store.files import EXPERIMENT_FILE
 from evomerge.store.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def test_a_run_records_every_step(workspace, pico_family, tmp_path):
     (run / "notes.txt").write_text("left by an earlier run")
     again = start_run(experiment, run_dir=run, progress=False, overwrite=True)
     assert {**again, "elapsed_seconds": 0} == {**summary, "elapsed_seconds": 0}  # same seed, same run
-    assert contents(run) == before and not (run / "notes.txt").exists()
+    assert contents(run) == before and (run / "notes.txt").read_text() == "left by an earlier run"  # not the run's
     lock = RunLock.acquire(run)  # a live driver: its run is never deleted
     try:
         with pytest.raises(StoreError, match="run is in use by another evomerge process"):
@@ -298,9 +299,12 @@ def test_a_minutes_budget_stops_asking(workspace, tmp_path, monkeypatch):
 def test_resume_refuses_a_changed_fitness_and_a_missing_run(workspace, tmp_path):
     experiment = workspace(budget={"evaluations": 6})
     assert _killed(_session(experiment, tmp_path / "run", resume=False, kill_at=3))
-    (tmp_path / "fitness.py").write_text(FITNESS.replace("-100.0 * ((x0 + 2.47)", "-99.0 * ((x0 + 2.47)"))
-    with pytest.raises(ConfigError, match="the fitness now measures something else than when the run started"):
-        resume_run(tmp_path / "run", progress=False)
+    helper = FITNESS.replace("float(layers[1].mlp.up_proj.weight", "float(layers[1].mlp.down_proj.weight")
+    edits = (FITNESS.replace("-100.0 * ((x0 + 2.47)", "-99.0 * ((x0 + 2.47)"), helper)  # the function; a helper it calls
+    for edited in edits:
+        (tmp_path / "fitness.py").write_text(edited)
+        with pytest.raises(ConfigError, match="the fitness now measures something else than when the run started"):
+            resume_run(tmp_path / "run", progress=False)
     with pytest.raises(StoreError, match="no run store found"):
         resume_run(tmp_path / "nothing", progress=False)
 
@@ -383,3 +387,39 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(workspace, tmp_path, ca
     summary = resume_run(run, progress=False)
     assert contents(run) == reference
     assert summary["rows"] == reference_summary["rows"] and summary["best"] == reference_summary["best"]
+
+
+def test_resume_refuses_a_model_rebuilt_in_place(workspace, tmp_path, make_pico_family, pico_builder, capsys):
+    """An expert rebuilt in place between a crash and ``resume`` is named and refused (one line,
+    exit 2, nothing recorded); restored bit for bit, the run resumes. The fitness-cache key of a run
+    on the rebuilt models differs although every path and the fitness are the same."""
+    import shutil
+
+    family = make_pico_family("llama", 2)
+    models = {"base": str(family["base"]), "a": str(family["expert_1"]), "b": str(family["expert_2"])}
+    experiment = workspace(models=models, budget={"evaluations": 6}, heldout=None)
+    run = tmp_path / "run"
+    assert _killed(_session(experiment, run, resume=False, kill_at=3))
+    before = contents(run)
+    original = tmp_path / "original_expert_1"
+    shutil.copytree(family["expert_1"], original)
+    shutil.rmtree(family["expert_1"])
+    pico_builder(family["expert_1"], arch="llama", seed=41, perturb_from=family["base"])
+    capsys.readouterr()
+
+    assert cli.main(["resume", str(run), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run}: model 'a' ({family['expert_1']}) changed since the run started "
+        "(model.safetensors differ); restore it, or start a new run\n"
+    )
+    assert contents(run) == before
+    start_run(experiment, run_dir=tmp_path / "rebuilt", progress=False)
+    with RunStore.open_reader(run) as first, RunStore.open_reader(tmp_path / "rebuilt") as second:
+        assert first.metadata["fitness_hash"] != second.metadata["fitness_hash"]
+        assert first.metadata["experiment"]["models"] == second.metadata["experiment"]["models"]
+
+    shutil.rmtree(family["expert_1"])
+    shutil.copytree(original, family["expert_1"])
+    resume_run(run, progress=False)
+    with RunStore.open_reader(run) as store:
+        assert len(store.results()) == 6

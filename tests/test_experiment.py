@@ -53,7 +53,7 @@ MALFORMED = [
     ("strategy-typo", {"strategy": {"name": "cmaes", "setting": {}}},
      "strategy.setting: unknown key (did you mean 'settings'?); expected one of: name, seed, settings"),
     ("executor-typo", {"executor": {"devise": "cpu"}},
-     "executor.devise: unknown key (did you mean 'device'?); expected one of: kind, device, dtype, threads"),
+     "executor.devise: unknown key (did you mean 'device'?); expected one of: kind, device, dtype, threads, reproducible, placement, cache_memory"),
     ("zoo-typo", {"zoo": {"specs": "default"}}, "zoo.specs: unknown key (did you mean 'spec'?); expected one of: spec, dir"),
     ("missing-strategy", {"strategy": None}, "strategy: required field is missing"),
     ("one-model", {"models": {"base": "base"}},
@@ -66,8 +66,11 @@ MALFORMED = [
     ("budget-empty", {"budget": {}}, "budget: expected evaluations and/or minutes"),
     ("budget-zero", {"budget": {"evaluations": 0}}, "budget.evaluations: Input should be greater than or equal to 1"),
     ("budget-negative-minutes", {"budget": {"minutes": -1}}, "budget.minutes: Input should be greater than 0"),
-    ("executor-kind", {"executor": {"kind": "slurm"}}, "executor.kind: Input should be 'local' or 'ray'"),
-    ("executor-ray-field", {"executor": {"address": "auto"}}, "executor: address: only used with kind: ray (kind is 'local')"),
+    ("executor-kind", {"executor": {"kind": "slurm"}}, "executor.kind: unknown executor 'slurm'; known: local, ray"),
+    ("executor-ray-field", {"executor": {"address": "auto"}}, "executor.address: a setting of executor 'ray', not of 'local' (the executor's kind)"),
+    ("executor-placement", {"executor": {"placement": "gpu"}},
+     "executor.placement: Input should be 'auto', 'resident', 'compact' or 'streamed'"),
+    ("executor-cache", {"executor": {"cache_memory": "lots"}}, "executor.cache_memory: expected 'auto' or a size like 80GB or 512MB, got 'lots'"),
     ("executor-workers", {"executor": {"kind": "ray", "workers": 0}}, "executor.workers: Input should be greater than or equal to 1"),
     ("executor-device", {"executor": {"device": "tpu9"}},
      "executor.device: expected a torch device such as cpu, cuda or cuda:1, got 'tpu9'"),
@@ -80,15 +83,21 @@ MALFORMED = [
     ("python-reference", {"fitness": {"python": "nofunction"}},
      "fitness.python: expected 'module:function' or 'file.py:function', got 'nofunction'"),
     ("callable-typo", {"fitness": {"python": "fitness.py:score", "weight": {"x": 1}}},
-     "fitness.weight: unknown key (did you mean 'weights'?); expected one of: python, weights, directions"),
+     "fitness.weight: unknown key (did you mean 'weights'?); expected one of: python, weights, directions, version, workload"),
+    ("fitness-kind", {"fitness": {"kind": "lm_evl"}}, "fitness.kind: unknown fitness kind 'lm_evl' (did you mean 'lm_eval'?); known: lm_eval, python"),
     ("lm-eval-typo", {"fitness": {**LM_FITNESS, "limt": 3}},
      "fitness.limt: unknown key (did you mean 'limit'?); expected one of: tasks, include_path, split, limit, seed, "
-     "batch_size, num_fewshot, apply_chat_template, device, dtype"),
+     "batch_size, num_fewshot, apply_chat_template, fewshot_as_multiturn, system_instruction, gen_kwargs, racing, "
+     "device, dtype"),
     ("lm-eval-weight", {"fitness": {**LM_FITNESS, "tasks": [{"task": "zoo_add_b", "weight": -1}]}},
      "fitness.tasks[0].weight: Input should be greater than or equal to 0"),
     ("heldout-typo", {"fitness": LM_FITNESS, "heldout": {"splitt": "test"}},
      "heldout.splitt: unknown key (did you mean 'split'?); expected one of: tasks, include_path, split, limit, seed, "
-     "batch_size, num_fewshot, apply_chat_template, device, dtype"),
+     "batch_size, num_fewshot, apply_chat_template, fewshot_as_multiturn, system_instruction, gen_kwargs, racing, "
+     "device, dtype"),
+    ("racing-reproducible", {"fitness": {**LM_FITNESS, "racing": {}}, "executor": {"reproducible": True}},
+     "fitness.racing: not available with executor.reproducible: true (the bar a candidate races against depends on "
+     "which results have arrived); drop one of them"),
     ("heldout-number", {"heldout": 3}, "heldout: expected true, false or a mapping of fitness overrides, got 3"),
     ("space-number", {"search_space": 3}, "search_space: expected a search-space file path or an inline mapping, got int"),
     ("space-missing-file", {"search_space": "nope.yaml"}, "search_space: file not found: {folder}/nope.yaml"),
@@ -101,7 +110,7 @@ MALFORMED_LATER = [
     ("space-unknown-method", {"search_space": {"method": "tiess", "model_genes": {"weight": {}}}},
      "search_space.method: unknown merge method 'tiess' (did you mean 'ties'?); known: "),
     ("strategy-unknown", {"strategy": {"name": "cma"}},
-     "strategy.name: unknown strategy 'cma' (did you mean 'cmaes'?); known: cmaes, optuna, random"),
+     "strategy.name: unknown strategy 'cma' (did you mean 'cmaes'?); known: cmaes, map, natural_niches, optuna, random"),
     ("strategy-setting", {"strategy": {"name": "cmaes", "settings": {"sigma0": 5}}},
      "strategy.settings: sigma0: Input should be less than or equal to 1"),
     ("python-file-missing", {"fitness": {"python": "other.py:score"}}, "fitness.python: file not found: {folder}/other.py"),
@@ -240,7 +249,7 @@ def test_snapshot_round_trips(folder):
     assert Experiment.from_snapshot(json.loads(json.dumps(experiment.snapshot())), "snap") == experiment
 
 
-def _fake_zoo(root: Path, pico_family: dict[str, Path], names: dict[str, str]) -> None:
+def _fake_zoo(root: Path, pico_family: dict[str, Path], names: dict[str, str], spec_hash: str = "x") -> None:
     """A zoo folder whose models are links to pico models, with a zoo.json naming their folders."""
     root.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -248,7 +257,7 @@ def _fake_zoo(root: Path, pico_family: dict[str, Path], names: dict[str, str]) -
         (root / f"folder_{model}").symlink_to(pico_family[pico])
         entries.append({"name": model, "folder": f"folder_{model}", "role": "expert", "trained_on": "-", "parent": None,
                         "params": 1, "train_steps": 1, "train_seconds": 0.0, "final_loss": 0.0, "scores": {}})
-    index = {"spec_hash": "x", "build_seconds": 0.0, "threads": 1, "tasks": [], "lm_eval_tasks": [], "settings": [],
+    index = {"spec_hash": spec_hash, "build_seconds": 0.0, "threads": 1, "tasks": [], "lm_eval_tasks": [], "settings": [],
              "models": entries}
     (root / "zoo.json").write_text(json.dumps(index))
 
@@ -268,26 +277,84 @@ def test_zoo_references_use_the_index_and_the_environment(folder, pico_family, m
         load_experiment(folder / "e.yaml")
 
 
-def test_zoo_section_builds_the_zoo_first(folder, pico_family, monkeypatch):
-    """With ``zoo:`` the run builds (or reuses) the zoo before resolving zoo models."""
-    import evomerge.zoo.build as zoo_build
+def _zoo_experiment(folder: Path, zoo: dict) -> Path:
+    data = valid()
+    data["zoo"] = zoo
+    data["models"] = {"base": "zoo:base", "a": "zoo:skill", "b": "zoo:lang"}
+    (folder / "e.yaml").write_text(yaml.safe_dump(data))
+    return folder / "e.yaml"
 
+
+def test_loading_never_builds_the_zoo_and_run_set_up_does(folder, pico_family, monkeypatch, capsys):
+    """``load_experiment`` and ``evomerge space`` (a preview) never build a zoo: a missing or outdated
+    one is a one-line error saying how to build it. ``prepare_zoo`` (what ``run`` calls) builds it."""
+    import evomerge.zoo.build as zoo_build
+    from evomerge.zoo.spec import load_spec, spec_hash
+
+    default = Path(zoo_build.__file__).parent / "default.yaml"
+    key = spec_hash(load_spec(default))
     calls = []
 
     def fake_build(spec, out, force=False):
         calls.append((Path(spec), Path(out)))
-        _fake_zoo(Path(out), pico_family, {"base": "base", "skill": "expert_1", "lang": "expert_2"})
+        _fake_zoo(Path(out), pico_family, {"base": "base", "skill": "expert_1", "lang": "expert_2"}, key)
 
     monkeypatch.setattr(zoo_build, "build_zoo", fake_build)
     monkeypatch.delenv("EVOMERGE_ZOO", raising=False)
-    data = valid()
-    data["zoo"] = {"dir": "built"}
-    data["models"] = {"base": "zoo:base", "a": "zoo:skill", "b": "zoo:lang"}
-    (folder / "e.yaml").write_text(yaml.safe_dump(data))
-    experiment = load_experiment(folder / "e.yaml")
-    assert calls == [(Path(zoo_build.__file__).parent / "default.yaml", (folder / "built").resolve())]
-    assert experiment.models["b"] == str((folder / "built").resolve() / "folder_lang")
-    data["zoo"] = {"spec": "custom.yaml", "dir": "built"}
-    (folder / "e.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match=f"zoo.spec: file not found: {folder}/custom.yaml"):
-        load_experiment(folder / "e.yaml")
+    path, built = _zoo_experiment(folder, {"dir": "built"}), (folder / "built").resolve()
+    assert cli.main(["space", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: zoo: {built} is missing; build it with `evomerge zoo build --out {built}` "
+        "(`evomerge run` builds it too)\n"
+    )
+    assert calls == [] and not built.exists()
+
+    from evomerge.experiment import prepare_zoo
+
+    prepare_zoo(path)
+    assert calls == [(default, built)]
+    experiment = load_experiment(path)
+    assert experiment.models["b"] == str(built / "folder_lang")
+    assert cli.main(["space", str(path), "--recipe-only"]) == 0 and calls == [(default, built)]
+
+    (built / "zoo.json").write_text((built / "zoo.json").read_text().replace(key, "another"))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(info.value) == (
+        f"{path}: zoo: {built} is built from another spec or incomplete; build it with "
+        f"`evomerge zoo build --out {built}` (`evomerge run` builds it too)"
+    )
+    (folder / "custom.yaml").write_text(default.read_text())
+    path = _zoo_experiment(folder, {"spec": "custom.yaml", "dir": "built"})
+    with pytest.raises(ConfigError, match=f"--out {built} --spec {folder}/custom.yaml`"):
+        load_experiment(path)
+    path = _zoo_experiment(folder, {"spec": "missing.yaml", "dir": "built"})
+    for load in (load_experiment, prepare_zoo):
+        with pytest.raises(ConfigError, match=f"zoo.spec: file not found: {folder}/missing.yaml"):
+            load(path)
+    assert len(calls) == 1
+
+
+def test_run_refuses_to_build_a_zoo_over_a_folder_that_is_not_one(folder, monkeypatch, capsys):
+    """``zoo.dir`` (or $EVOMERGE_ZOO) naming the user's own folder: one line, exit 2, nothing
+    trained, written or deleted — not even its ``fitness/`` or a folder named like a zoo model."""
+    import evomerge.zoo.build as zoo_build
+
+    monkeypatch.setattr(zoo_build, "_build", lambda *a, **k: pytest.fail("trained a zoo into the user's folder"))
+    mine = folder / "mine"
+    for name, text in {"thesis.tex": "text", "fitness/my_task.yaml": "task: mine", "base/weights.txt": "1 2 3"}.items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(text)
+    before = sorted((str(p.relative_to(mine)), p.read_bytes()) for p in mine.rglob("*") if p.is_file())
+    refusal = (
+        f"{mine}: not a zoo folder (no zoo.json) and not empty; a zoo is built only into a new, empty or zoo "
+        "folder, so nothing was written: choose another folder (--out, $EVOMERGE_ZOO or zoo.dir)"
+    )
+    path = _zoo_experiment(folder, {"dir": "mine"})
+    assert cli.main(["run", str(path), "--run-dir", str(folder / "run"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {refusal}\n"
+    monkeypatch.setenv("EVOMERGE_ZOO", str(mine))
+    assert cli.main(["zoo", "build", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err == f"error: {refusal}\n"
+    assert sorted((str(p.relative_to(mine)), p.read_bytes()) for p in mine.rglob("*") if p.is_file()) == before
+    assert not (folder / "run").exists()

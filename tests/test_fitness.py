@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.fitness import AGGREGATE, FitnessResult, LmEvalFitness
@@ -300,7 +305,7 @@ def test_no_network_attempt(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("tasks", "extra", "message"),
     [
-        ([{"task": "nope"}], {}, "task 'nope': not found in include_path .*known tasks: .*tiny_custom, tiny_fn, tiny_gen"),
+        ([{"task": "nope"}], {}, "task 'nope': not found in include_path .*tiny_custom, tiny_fn, tiny_gen.* nor among lm-eval's [0-9]+ built-in"),
         (
             [{"task": "tiny_mc", "metric": "accuracy"}],
             {},
@@ -320,9 +325,9 @@ def test_no_network_attempt(tiny, tmp_path, monkeypatch):
         (
             [{"task": "tiny_mc"}],
             {"split": "test"},
-            "fitness task 'tiny_mc' .*: has no test_split; set one in its YAML or use split: validation",
+            "fitness task 'tiny_mc' .*: has no test_split .*; name the dataset split to use .*splits: {test: train}.* or use split: validation",
         ),
-        ([{"task": "tiny_group"}], {}, "fitness task 'tiny_group': is a group; list its YAML tasks individually"),
+        ([{"task": "tiny_group"}], {}, "fitness task 'tiny_group': is a group without an aggregate_metric_list"),
         ([{"task": "tiny_gen"}], {"batch_sise": 4}, "fitness: batch_sise: unknown key \\(did you mean 'batch_size'"),
         ([{"task": "tiny_gen", "wieght": 1}], {}, "fitness: tasks\\[0\\].wieght: unknown key \\(did you mean 'weight'"),
         ([{"task": "tiny_gen", "weight": -1}], {}, "fitness: tasks\\[0\\].weight: Input should be greater than or"),
@@ -333,7 +338,7 @@ def test_no_network_attempt(tiny, tmp_path, monkeypatch):
         (
             [{"task": "tiny_mc"}, {"task": "tiny_mc", "name": "b", "limit": 3}],
             {},
-            "fitness: tasks: task 'tiny_mc' is listed twice with different limit/num_fewshot \\(tasks\\[1\\]\\)",
+            "fitness: tasks: task 'tiny_mc' is listed twice with different limit/num_fewshot/gen_kwargs/splits \\(tasks\\[1\\]\\)",
         ),
         ([{"task": "tiny_gen"}], {"include_path": "/no/such"}, "fitness.include_path: folder '/no/such' not found"),
     ],

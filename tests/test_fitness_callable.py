@@ -126,6 +126,7 @@ class TestSpec:
         assert spec.include_path == ["fitness"]
         assert (spec.split, spec.limit, spec.seed, spec.batch_size) == ("validation", None, 0, 32)
         assert (spec.num_fewshot, spec.apply_chat_template, spec.device, spec.dtype) == (None, False, None, None)
+        assert (spec.fewshot_as_multiturn, spec.multiturn, spec.system_instruction, spec.gen_kwargs) == (None, False, None, None)
         assert spec.tasks[0].weight == 1.0 and spec.tasks[0].objective == "t"
 
     @pytest.mark.parametrize(
@@ -144,10 +145,29 @@ class TestSpec:
             parse_fitness_spec({"include_path": "f", "tasks": [{"task": "t"}], **data})
         assert "\n" not in str(err.value)
 
-    def test_include_path_is_required(self):
-        with pytest.raises(ConfigError, match="fitness: include_path: required field is missing"):
-            parse_fitness_spec({"tasks": [{"task": "t"}]})
+    def test_include_path_is_optional(self):
+        """Without folders, names are looked up among lm-eval's own tasks."""
+        assert parse_fitness_spec({"tasks": [{"task": "gsm8k"}]}).include_path == []
 
     def test_lm_eval_fitness_rejects_bad_spec_before_touching_disk(self):
         with pytest.raises(ConfigError, match="fitness: tasks: Input should be a valid list"):
             LmEvalFitness({"include_path": "/nonexistent", "tasks": "t"})
+
+
+def test_a_file_fitness_is_identified_by_its_whole_module_and_version(tmp_path):
+    """Two modules differing only in a constant the function reads are two fitnesses; so are two
+    ``version:`` strings (for helpers imported from elsewhere); the same file is the same fitness."""
+    from evomerge.experiment import CallableFitnessConfig
+    from evomerge.runtime.worker import build_fitness
+
+    module = tmp_path / "scale.py"
+    source = "SCALE = {}\n\n\ndef score(model, tokenizer):\n    return {{'x': SCALE * sum(model)}}\n"
+
+    def spec_hash(scale: float, version: str | None = None) -> str:
+        module.write_text(source.format(scale))
+        given = {} if version is None else {"version": version}
+        return build_fitness(CallableFitnessConfig(python=f"{module}:score", **given)).spec_hash()
+
+    assert spec_hash(1.0) != spec_hash(100.0) and spec_hash(1.0) == spec_hash(1.0)
+    assert spec_hash(1.0, version="2") != spec_hash(1.0) and spec_hash(1.0, version="2") == spec_hash(1.0, "2")
+    assert build_fitness(CallableFitnessConfig(python=f"{module}:score")).evaluate([1.0, 2.0], None).objectives["x"] == 3.0

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.materialize import ResidentMerger, export_merge
-from evomerge.merge import TensorInputs, fused, get_operator
-from evomerge.merge import chunking
+from evomerge.merge import TensorInputs, chunking, fused, get_operator
 from evomerge.merge import task_arithmetic as task_arithmetic_module
 from evomerge.pool import ModelPool
 from evomerge.recipe import recipe_from_dict

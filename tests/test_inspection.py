@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +19,22 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from evomerge import cli
-from evomerge.driver import start_run
 from evomerge.errors import ConfigError
 from evomerge.inspection import RunView, hypervolume, nondominated_ranks, pareto_front
 from evomerge.inspection.compare import compare_runs
 from evomerge.inspection.evaluate import evaluate_candidates
-from evomerge.inspection.export_candidate import MERGEKIT_FILE, export_candidate, parse_preferences
+from evomerge.inspection.export_candidate import (
+    MERGEKIT_FILE,
+    export_candidate,
+    parse_preferences,
+)
 from evomerge.inspection.report import write_report
 from evomerge.recipe import recipe_from_dict
 from evomerge.recipe.mergekit_config import recipe_from_mergekit
 from evomerge.recipe.mergekit_export import recipe_to_mergekit
-from evomerge.status import SUMMARY_FILE
-from evomerge.store import RunStore, StoreError
+from evomerge.run import start_run
+from evomerge.status import SUMMARY_FILE, run_status
+from evomerge.store import DB_NAME, RunStore, StoreError
 from evomerge.store.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +60,8 @@ def two(model, tokenizer):
 
 def two_test(model, tokenizer):
     _count()
+    if os.path.exists(os.environ.get("INSPECTION_HELDOUT_FAILS", "")):
+        raise MemoryError("CUDA out of memory (a transient failure)")
     x, h = _features(model)
     return {"left": -abs(x + 2.40), "right": -abs(h - 0.45)}
 """
@@ -162,9 +169,11 @@ def test_front_lists_exactly_the_non_dominated_candidates(make_run, capsys):
 
 def test_front_and_report_on_a_live_and_on_a_stopped_run(make_run):
     run = make_run()
+    (run / SUMMARY_FILE).rename(run / "summary.moved")
+    with sqlite3.connect(run / DB_NAME) as raw:  # the run as it was before its end
+        raw.execute("DELETE FROM meta WHERE key = 'summary'")
     lock = RunLock.acquire(run)  # what a live driver holds
     try:
-        (run / SUMMARY_FILE).rename(run / "summary.moved")
         assert RunView.load(run).state == "running" and pareto_front(run)
         assert "This run is in progress" in write_report(run).read_text()
     finally:
@@ -301,6 +310,47 @@ def test_evaluate_scores_the_front_once_and_stores_it(make_run, calls, capsys):
         lock.release()
     assert cli.main(["evaluate", str(run)]) == 2
     assert capsys.readouterr().err == "error: evaluate: give --front and/or --candidate ID\n"
+
+
+def test_a_failed_heldout_evaluation_is_retried(make_run, tmp_path, calls, capsys, monkeypatch):
+    """A held-out evaluation that failed (say, out of memory) stays recorded, and the next
+    ``evaluate`` — or the end-of-run summary of a resumed run — scores the candidate again."""
+    from evomerge.run import resume_run
+
+    flag = tmp_path / "heldout-fails"
+    monkeypatch.setenv("INSPECTION_HELDOUT_FAILS", str(flag))
+    flag.touch()
+
+    def killed(self, summary):  # the driver dies after the held-out failure, before the summary is stored
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunStore, "save_summary", killed)
+        with pytest.raises(KeyboardInterrupt):
+            make_run(budget=6)
+    run = tmp_path / "run"
+    with RunStore.open_reader(run) as store:
+        best = store.best().ticket
+        ((failed_at_end,),) = [store.results("test")]
+    assert failed_at_end.ticket == best and not failed_at_end.ok
+    assert failed_at_end.error == "MemoryError: CUDA out of memory (a transient failure)"
+    other = next(t for t in range(6) if t != best)
+    assert evaluate_candidates(run, candidates=[other]) == {other: None}
+
+    flag.unlink()
+    summary = resume_run(run, progress=False)
+    with RunStore.open_reader(run) as store:
+        tests = [(r.ticket, r.ok) for r in store.results("test")]
+    assert tests == [(best, False), (other, False), (best, True)]
+    assert summary["rows"][0]["error"] is None and run_status(run)["best"]["heldout"] is not None
+
+    before = len(calls.read_text())
+    assert cli.main(["evaluate", str(run), "--candidate", str(other), "--candidate", str(best)]) == 0
+    assert len(calls.read_text()) - before == 1  # only the failed one is scored again
+    with RunStore.open_reader(run) as store:
+        tests = [(r.ticket, r.ok) for r in store.results("test")]
+    assert tests == [(best, False), (other, False), (best, True), (other, True)]
+    assert RunView.load(run).heldout(other) is not None
 
 
 def test_exported_candidate_scores_the_same_in_the_lm_eval_cli(pico_family, tmp_path):

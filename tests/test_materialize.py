@@ -90,12 +90,27 @@ def test_existing_output_is_refused_and_failures_leave_nothing(pico_family, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_overwrite_replaces_the_folder(pico_family, tmp_path):
+def test_overwrite_replaces_only_an_export_holding_only_what_it_wrote(pico_family, tmp_path):
     out = tmp_path / "m"
     export_merge(_ties(pico_family), out, progress=False)
-    (out / "stale.txt").write_text("x")
-    export_merge(_ties(pico_family, seed=3), out, progress=False, overwrite=True)
-    assert not (out / "stale.txt").exists()
+    first = _state(out)
+    (out / "notes.txt").write_text("mine")  # a user's file inside an export: refused, nothing touched
+    with pytest.raises(ConfigError, match="would delete 'notes.txt', which evomerge did not write"):
+        export_merge(_ties(pico_family, seed=3), out, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and _state(out).keys() == first.keys()
+    (out / "notes.txt").unlink()
+    export_merge(_ties(pico_family, parameters={"lambda": 0.5}), out, progress=False, overwrite=True)
+    assert any(not torch.equal(first[k], v) for k, v in _state(out).items())
+    thesis = tmp_path / "thesis"  # any other folder: refused
+    (thesis / "src").mkdir(parents=True)
+    (thesis / "thesis.tex").write_text("chapter 1")
+    with pytest.raises(ConfigError, match="replaces only a folder evomerge exported"):
+        export_merge(_ties(pico_family), thesis, progress=False, overwrite=True)
+    assert sorted(p.name for p in thesis.iterdir()) == ["src", "thesis.tex"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_merge(_ties(pico_family), empty, progress=False, overwrite=True)
+    assert (empty / "recipe.yaml").is_file()
 
 
 def test_nan_result_is_a_one_line_error(pico_family, make_pico, tmp_path):

@@ -92,6 +92,15 @@ def _configs(f):
             "models": models3({"one": {"weight": 1.0, "density": 0.6, "gamma": 0.05}, "two": {"weight": 0.5, "density": 0.5, "gamma": 0.1}}),
             "dtype": "float32",
         },
+        "passthrough": {  # a layer path (frankenmerge): layers stacked from two models
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(f["one"]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(f["two"]), "layer_range": [1, 3]}]},
+                {"sources": [{"model": str(f["one"]), "layer_range": [2, 3]}]},
+            ],
+            "dtype": "float32",
+        },
         "model_stock": {
             "merge_method": "model_stock",
             "base_model": str(f["base"]),
@@ -103,7 +112,7 @@ def _configs(f):
 
 @pytest.mark.parametrize(
     "method",
-    ["linear", "linear_unnormalized", "slerp", "task_arithmetic", "ties", "ties_sum", "breadcrumbs", "breadcrumbs_ties", "model_stock"],
+    ["linear", "linear_unnormalized", "slerp", "task_arithmetic", "ties", "ties_sum", "breadcrumbs", "breadcrumbs_ties", "model_stock", "passthrough"],
 )
 def test_same_tensors_as_mergekit(family, tmp_path, method):
     config = _configs(family)[method]

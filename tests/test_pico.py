@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.errors import ConfigError
 from evomerge.io import TensorIndex
-from evomerge.zoo.pico import ARCHITECTURES, build_pico, build_pico_family, pico_vocabulary
+from evomerge.zoo.pico import (
+    ARCHITECTURES,
+    build_pico,
+    build_pico_family,
+    pico_vocabulary,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

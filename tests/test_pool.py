@@ -184,3 +184,84 @@ def test_bad_pool_arguments_are_config_errors(pico_family):
         ModelPool.open({"base": pico_family["base"]}, base="base")
     with pytest.raises(ConfigError, match="non-empty string names"):
         ModelPool.open({"": pico_family["base"]})
+
+
+# -- fingerprints ------------------------------------------------------------------------------
+
+
+def _flip(path, offset: int) -> None:
+    """Change one byte in place, keeping the file's size and modification time."""
+    import os
+
+    stat = path.stat()
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_fingerprint_follows_the_content_not_the_path_or_the_dates(make_pico, tmp_path):
+    import os
+
+    from evomerge.io.safetensors_reader import read_safetensors_header
+    from evomerge.pool.fingerprint import ModelFingerprint, fingerprint_model
+
+    folder = make_pico(sharded=True, seed=5)
+    fingerprint = fingerprint_model(folder)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and set(shards) | {"config.json", "model.safetensors.index.json"} <= set(fingerprint.files)
+    assert ModelFingerprint.from_json(json.loads(json.dumps(fingerprint.to_json()))) == fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    for path in copy.iterdir():
+        os.utime(path, (0, 0))
+    (copy / "README.md").write_text("my notes")
+    (copy / "runs").mkdir()
+    assert fingerprint_model(copy) == fingerprint  # another path, other dates, a model card: the same model
+
+    shard = copy / shards[-1]
+    entry = max(read_safetensors_header(shard).values(), key=lambda e: e.end - e.start)
+    _flip(shard, 8 + int.from_bytes(shard.read_bytes()[:8], "little") + entry.end - 1)  # the last byte of a tensor
+    changed = fingerprint_model(copy)
+    assert changed.digest != fingerprint.digest and fingerprint.difference(changed) == f"{shards[-1]} differ"
+    shutil.copy(folder / shards[-1], shard)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 5.0}))
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"<unk>"', '"<UNK>"', 1))
+    assert fingerprint.difference(fingerprint_model(copy)) == "config.json, tokenizer.json differ"
+
+    pinned = fingerprint_model(folder, revision="0123abc")
+    assert pinned.digest != fingerprint.digest and fingerprint.difference(pinned) == "revision None is now 0123abc"
+    with pytest.raises(ModelError, match=f"{tmp_path / 'nothing'}: cannot list the model folder"):
+        fingerprint_model(tmp_path / "nothing")
+
+
+def test_fingerprint_samples_every_window_of_a_large_tensor(tmp_path):
+    """A tensor larger than the sampled windows is read at fixed windows, first and last included."""
+    from safetensors.torch import save_file
+
+    from evomerge.io.safetensors_reader import read_safetensors_header
+    from evomerge.pool.fingerprint import (
+        SAMPLE_BYTES,
+        SAMPLES_PER_TENSOR,
+        fingerprint_model,
+    )
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    save_file({"w": torch.arange(1 << 18, dtype=torch.float32), "b": torch.zeros(7)}, folder / "model.safetensors")
+    path = folder / "model.safetensors"
+    reference = fingerprint_model(folder).digest
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    length = (1 << 18) * 4
+    step = (length - SAMPLE_BYTES) // (SAMPLES_PER_TENSOR - 1)
+    w_start = data_start + read_safetensors_header(path)["w"].start
+    for k in range(SAMPLES_PER_TENSOR):
+        for offset in (k * step, k * step + SAMPLE_BYTES - 1):
+            _flip(path, w_start + offset)
+            assert fingerprint_model(folder).digest != reference, (k, offset)
+            _flip(path, w_start + offset)
+    assert fingerprint_model(folder).digest == reference

@@ -15,8 +15,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from evomerge import cli  # noqa: E402
-from evomerge.driver import Driver, resume_run, start_run  # noqa: E402
 from evomerge.errors import ConfigError  # noqa: E402
+from evomerge.run import Driver, resume_run, start_run  # noqa: E402
 from evomerge.status import run_status  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
 

@@ -215,15 +215,14 @@ class TestMergekitImport:
         ("config", "message"),
         [
             ({"merge_method": "nuslerp", "models": [{"model": "/a"}]}, r"merge_method: 'nuslerp' cannot be read"),
-            ({"merge_method": "linear", "models": [{"model": "/a+/lora"}]}, r"LoRA references"),
             ({"merge_method": "linear", "models": [{"model": "/a"}], "tokenizer_source": "union"}, r"tokenizer_source: 'union'"),
             ({"merge_method": "linear", "modules": {}}, r"modules: mergekit's 'modules' option is not supported"),
             (
                 {
                     "merge_method": "passthrough",
-                    "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2]}]}],
+                    "slices": [{"sources": [{"model": "/a", "layer_range": [0, 2], "parameters": {"scale": 0.5}}]}],
                 },
-                r"'passthrough' cannot be read",
+                r"slices\[0\]: a passthrough slice takes exactly one source without parameters",
             ),
             (
                 {

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
-from evomerge.driver import Objectives
 from evomerge.errors import ConfigError
 from evomerge.experiment import CallableFitnessConfig
 from evomerge.recipe import Recipe
-from evomerge.runtime import Job, LocalExecutor, Outcome, Worker, WorkerSpec, load_callable
+from evomerge.run.objectives import Objectives
+from evomerge.runtime import (
+    Job,
+    LocalExecutor,
+    Outcome,
+    Worker,
+    WorkerSpec,
+    load_callable,
+)
 
 FITNESS = """
 import math

@@ -15,8 +15,8 @@ from evomerge.merge.sparsify import (
     keep_count,
     keep_mask,
     magnitude,
-    sort_magnitudes,
     random_keys,
+    sort_magnitudes,
     window_from_sorted,
     window_from_values,
 )

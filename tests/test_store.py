@@ -1,9 +1,8 @@
-"""The run store: contents, append-only rules, cache, lock, live readers, crash safety, and the
-property resume relies on: a run killed (SIGKILL) at any point and resumed ends identical to an
-uninterrupted run.
+"""The run store: contents, append-only rules, cache, lock, live readers, crash safety (the
+driver killed between any two of its steps and resumed is in ``test_resume_kills.py``).
 
-Some tests run this file as a child process (``python tests/test_store.py MODE ARGS``): a search
-loop that kills itself at a chosen point, a writer killed from outside, a process holding the lock.
+Some tests run this file as a child process (``python tests/test_store.py MODE ARGS``): a writer
+killed from outside, a process holding the lock.
 """
 
 from __future__ import annotations
@@ -20,16 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.search import Evaluation, Proposal, build_strategy
-from evomerge.store import DB_NAME, RunStore, StoreError
+from evomerge.fitness.racing import Estimate
+from evomerge.search import Evaluation, Proposal
+from evomerge.store import DB_NAME, SCHEMA_VERSION, RunStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
-DIM = 4
-RESUME_CASES = {
-    "cmaes": ("cmaes", {"variant": "full"}),
-    "random": ("random", {}),
-    "optuna-tpe": ("optuna", {"sampler": "tpe", "sampler_settings": {"n_startup_trials": 5}}),
-}
 
 
 def _proposal(ticket: int, genome: list[float] | None = None, **kw) -> Proposal:
@@ -115,6 +109,66 @@ def test_results_are_append_only(tmp_path):
     raw.close()
 
 
+def test_heldout_results_may_be_retried_until_one_succeeds(tmp_path):
+    """A failed held-out (test) result does not block a later attempt; a successful one does, and a
+    candidate keeps exactly one validation result."""
+    with RunStore.create(tmp_path / "run") as store:
+        store.add_candidate(_proposal(0, [0.5]))
+        store.add_result(Evaluation(0, np.array([1.0])))
+        store.add_result(Evaluation.failure(0, 1), split="test", error="OutOfMemoryError: CUDA out of memory")
+        store.add_result(Evaluation.failure(0, 1), split="test", error="worker lost")
+        store.add_result(Evaluation(0, np.array([0.5])), split="test")
+        with pytest.raises(ValueError, match="ticket 0 already has a test result"):
+            store.add_result(Evaluation(0, np.array([0.6])), split="test")
+        with pytest.raises(ValueError, match="ticket 0 already has a validation result"):
+            store.add_result(Evaluation.failure(0, 1))
+        assert [(r.ok, r.error) for r in store.results("test")] == [
+            (False, "OutOfMemoryError: CUDA out of memory"), (False, "worker lost"), (True, None)
+        ]
+
+
+def _as_schema_1(run: Path) -> None:
+    """Rewrite a store as schema 1 had it: results with UNIQUE (ticket, split), no estimates."""
+    raw = sqlite3.connect(run / DB_NAME)
+    columns = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'results'").fetchone()[0]
+    raw.executescript(
+        "DROP TABLE estimates;"
+        "DROP TRIGGER results_append_only; DROP TRIGGER results_never_deleted; DROP INDEX results_cache;"
+        "DROP INDEX results_validation; DROP INDEX results_heldout_ok; ALTER TABLE results RENAME TO old;"
+        + columns.replace("error        TEXT\n)", "error        TEXT,\n    UNIQUE (ticket, split)\n)") + ";"
+        "INSERT INTO results SELECT * FROM old; DROP TABLE old; PRAGMA user_version = 1;"
+        "CREATE INDEX results_cache ON results(recipe_hash, fitness_hash, split) WHERE status = 'ok';"
+        "CREATE TRIGGER results_append_only BEFORE UPDATE ON results BEGIN SELECT RAISE(ABORT, 'append-only'); END;"
+        "CREATE TRIGGER results_never_deleted BEFORE DELETE ON results BEGIN SELECT RAISE(ABORT, 'append-only'); END;"
+    )
+    raw.close()
+
+
+def test_a_schema_1_store_is_read_as_is_and_upgraded_by_a_writer(tmp_path):
+    run = tmp_path / "run"
+    with RunStore.create(run) as store:
+        for ticket in range(2):
+            store.add_candidate(_proposal(ticket, [0.5]))
+            store.add_result(Evaluation(ticket, np.array([float(ticket)])), fitness_hash="f")
+        store.add_result(Evaluation.failure(1, 1), split="test", error="out of memory")
+    _as_schema_1(run)
+    version = lambda: sqlite3.connect(run / DB_NAME).execute("PRAGMA user_version").fetchone()[0]  # noqa: E731
+    with RunStore.open_reader(run) as reader:
+        rows = [(r.seq, r.ticket, r.split, r.ok) for split in ("validation", "test") for r in reader.results(split)]
+    assert rows == [(2, 0, "validation", True), (4, 1, "validation", True), (5, 1, "test", False)] and version() == 1
+    with RunStore.open(run) as store:
+        store.add_result(Evaluation(1, np.array([0.5])), split="test")
+        assert [r.ok for r in store.results("test")] == [False, True]
+        assert store.lookup_cache(store.candidate(1).recipe_hash, "f") is None  # no recipe hash was given
+        with pytest.raises(ValueError, match="ticket 0 already has a validation result"):
+            store.add_result(Evaluation(0, np.array([1.0])))
+    assert version() == SCHEMA_VERSION
+    raw = sqlite3.connect(run / DB_NAME)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("DELETE FROM results")
+    raw.close()
+
+
 def test_events_pending_and_checkpoints(tmp_path):
     with RunStore.create(tmp_path / "run", keep_checkpoints=2) as store:
         for ticket in range(3):
@@ -152,6 +206,54 @@ def test_fitness_cache_and_best(tmp_path):
         assert store.lookup_cache("a", "F", split="test") is None
         assert store.best().ticket == 2  # the earliest of the two 0.9
         assert store.best(objective=0, split="test") is None
+
+
+def test_racing_estimates_are_recorded_and_never_best_nor_cached(tmp_path):
+    with RunStore.create(tmp_path / "run") as store:
+        for ticket, recipe_hash in enumerate(["a", "a", "b"]):
+            store.add_candidate(_proposal(ticket, [0.0]), recipe_hash=recipe_hash)
+        store.add_result(Evaluation(0, np.array([0.9])), fitness_hash="F", estimate=Estimate(25, 100))
+        store.add_result(Evaluation(2, np.array([0.4])), fitness_hash="F")
+        assert store.lookup_cache("a", "F") is None  # an estimate is no measurement of the recipe
+        assert store.best().ticket == 2  # 0.9 is only an estimate
+        stopped, full = store.results()
+        assert (stopped.estimate, stopped.ok, stopped.complete) == (Estimate(25, 100), True, False)
+        assert (full.estimate, full.complete) == (None, True)
+        assert store.counts()["ok"] == 2
+    with RunStore.open_reader(tmp_path / "run") as reader:
+        assert [r.estimate for r in reader.results()] == [Estimate(25, 100), None]
+    raw = sqlite3.connect(tmp_path / "run" / DB_NAME)
+    for statement in ("UPDATE estimates SET examples = 100", "DELETE FROM estimates"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            raw.execute(statement)
+    raw.close()
+
+
+def _downgrade_to_2(path: Path) -> None:
+    """What a schema-2 store (before racing estimates) looks like."""
+    raw = sqlite3.connect(path)
+    raw.executescript("DROP TABLE estimates; PRAGMA user_version = 2;")
+    raw.close()
+
+
+def test_a_schema_2_store_is_read_with_no_estimates_and_upgraded_by_a_writer(tmp_path):
+    run = tmp_path / "run"
+    with RunStore.create(run) as store:
+        store.add_candidate(_proposal(0, [0.0]))
+        store.add_result(Evaluation(0, np.array([0.5])))
+    _downgrade_to_2(run / DB_NAME)
+    with RunStore.open_reader(run) as reader:  # a reader may not write: the file stays at version 2
+        assert [(r.ticket, r.estimate) for r in reader.results()] == [(0, None)]
+    raw = sqlite3.connect(run / DB_NAME)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    raw.close()
+    with RunStore.open(run) as store:  # a driver resuming it upgrades it, keeping every row
+        store.add_candidate(_proposal(1, [0.1]))
+        store.add_result(Evaluation(1, np.array([0.7])), estimate=Estimate(5, 50))
+        assert [(r.ticket, r.estimate) for r in store.results()] == [(0, None), (1, Estimate(5, 50))]
+    raw = sqlite3.connect(run / DB_NAME)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    raw.close()
 
 
 # -- opening: lock, errors -----------------------------------------------------------------
@@ -219,13 +321,13 @@ def test_store_from_a_newer_schema_is_refused(tmp_path):
     run = tmp_path / "run"
     RunStore.create(run).close()
     raw = sqlite3.connect(run / DB_NAME)
-    raw.execute("PRAGMA user_version = 2")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.close()
     with pytest.raises(StoreError) as info:
         RunStore.open_reader(run)
     assert str(info.value) == (
-        f"{run / DB_NAME}: written by a newer evomerge (store schema 2, this version reads up to 1); "
-        "upgrade evomerge to open it"
+        f"{run / DB_NAME}: written by a newer evomerge (store schema {SCHEMA_VERSION + 1}, this version reads up to "
+        f"{SCHEMA_VERSION}); upgrade evomerge to open it"
     )
 
 
@@ -291,96 +393,6 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
         assert store.add_candidate(_proposal(ticket, [0.5] * 256)) == last + 1
 
 
-# -- resume equivalence --------------------------------------------------------------------
-
-
-def evaluate(proposal: Proposal) -> Evaluation:
-    """A quadratic with an optimum at 0.3; failures and NaN in parts of the box."""
-    x = proposal.genome
-    if x[0] > 0.8:
-        return Evaluation.failure(proposal.ticket, 1)
-    value = np.nan if x[1] > 0.85 else -float(np.sum((x - 0.3) ** 2))
-    return Evaluation(proposal.ticket, np.array([value]))
-
-
-def search_loop(run: Path, case: str, budget: int, kill: tuple[str, int] | None = None) -> None:
-    """The driver in miniature: ask → store candidate → evaluate → store result → tell, three in
-    flight completed out of order, a checkpoint every 4 results. ``kill=(phase, n)`` SIGKILLs this
-    process right after the n-th ``phase`` (asked, stored, recorded, told, checkpointed). An
-    existing run is resumed: restore the latest checkpoint, replay what followed, re-queue pending."""
-    name, settings = RESUME_CASES[case]
-    strategy = build_strategy(name, DIM, seed=11, settings=settings)
-    if (run / DB_NAME).exists():
-        store = RunStore.open(run)
-        checkpoint = store.latest_checkpoint()
-        if checkpoint is not None:
-            strategy.load_state_dict(checkpoint.state)
-        strategy.replay(store.events_since(checkpoint.seq if checkpoint else 0))
-        in_flight = [c.proposal for c in store.pending_candidates()]
-        assert [p.ticket for p in in_flight] == [p.ticket for p in strategy.outstanding]
-    else:
-        store = RunStore.create(run, {"case": case})
-        in_flight = []
-    phases: dict[str, int] = {}
-
-    def reached(phase: str) -> None:
-        phases[phase] = phases.get(phase, 0) + 1
-        if kill == (phase, phases[phase]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    n_results = len(store.results())
-    with store:
-        while True:
-            while len(in_flight) < 3 and store.count() < budget:
-                proposal = strategy.ask()
-                reached("asked")
-                recipe = {"genes": proposal.genome.tolist()}
-                store.add_candidate(proposal, recipe=recipe, recipe_hash=str(proposal.ticket))
-                reached("stored")
-                in_flight.append(proposal)
-            if not in_flight:
-                return
-            chosen = min(in_flight, key=lambda p: (p.ticket * 2654435761) % 1000003)
-            in_flight.remove(chosen)
-            evaluation = evaluate(chosen)
-            store.add_result(evaluation, fitness_hash="quadratic")
-            reached("recorded")
-            strategy.tell(evaluation)
-            reached("told")
-            n_results += 1
-            if n_results % 4 == 0:
-                store.save_checkpoint(strategy.state_dict())
-                reached("checkpointed")
-
-
-def run_contents(run: Path) -> tuple[list, list]:
-    with RunStore.open_reader(run) as store:
-        candidates = [
-            (c.seq, c.ticket, c.proposal.genome.tobytes(), c.proposal.info, c.recipe, c.status)
-            for c in store.candidates()
-        ]
-        results = [(r.seq, r.ticket, r.evaluation.objectives.tobytes(), r.ok) for r in store.results()]
-    return candidates, results
-
-
-@pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, case):
-    budget = 26
-    search_loop(tmp_path / "reference", case, budget)
-    reference = run_contents(tmp_path / "reference")
-    assert len(reference[0]) == budget and len(reference[1]) == budget
-    assert any(not ok for *_, ok in reference[1]), "the objective should produce some failures"
-
-    run = tmp_path / "killed"
-    kills = [("recorded", 6), ("asked", 5), ("checkpointed", 2)]  # result not yet told; ask not yet stored; ...
-    for phase, n in kills:
-        child = _child("search", str(run), case, str(budget), phase, str(n))
-        assert child.wait(timeout=120) == -signal.SIGKILL, f"the child was not killed at {phase} #{n}"
-        assert len(run_contents(run)[1]) < budget
-    search_loop(run, case, budget)
-    assert run_contents(run) == reference
-
-
 def _hold(run: str) -> None:
     with RunStore.open(run):
         print("locked", flush=True)
@@ -398,11 +410,8 @@ def _write(run: str) -> None:
 
 
 if __name__ == "__main__":
-    mode, run_dir, *rest = sys.argv[1:]
+    mode, run_dir = sys.argv[1:]
     if mode == "hold":
         _hold(run_dir)
     elif mode == "write":
         _write(run_dir)
-    else:
-        case_name, budget_text, phase_name, count = rest
-        search_loop(Path(run_dir), case_name, int(budget_text), (phase_name, int(count)))

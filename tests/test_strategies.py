@@ -72,7 +72,9 @@ def through_json(state: dict) -> dict:
 
 
 def test_every_registered_strategy_is_covered():
-    assert set(STRATEGIES) == {"random", "cmaes", "optuna"}
+    """natural_niches breeds from per-example scores (tests/test_natural_niches.py); map proposes in
+    batches behind ``can_ask``, which ``drive`` ignores (tests/test_map.py)."""
+    assert set(STRATEGIES) == {"random", "cmaes", "optuna", "natural_niches", "map"}
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] != "optuna-gp"], ids=[i for i in IDS if i != "optuna-gp"])
@@ -310,3 +312,61 @@ def test_state_encoding_is_exact_and_strict_json():
     assert back["b"] == value["b"] and back["b"].dtype == np.float64
     assert back["c"] == [float("inf"), 2, None, True, "x"]
     assert back["d"].dtype == np.int32 and back["d"].tolist() == [0, 1, 2]
+
+
+OPTUNA_CASES = [case for case in CASES if case[1] == "optuna"]
+
+
+@pytest.mark.parametrize("case", OPTUNA_CASES, ids=[case[0] for case in OPTUNA_CASES])
+def test_optuna_checkpoint_is_plain_data(case):
+    """No pickle anywhere in an Optuna checkpoint (the CMA-ES sampler keeps its optimizer as a
+    pickle in trial attributes: those are re-derived on restore, not stored)."""
+    strategy = make(case)
+    drive(strategy, case[5] // 2)
+    impl = decode(strategy.state_dict()["impl"])
+    assert set(impl) == {"format", "params", "values", "failed", "told", "asked_before"}
+    assert impl["params"].dtype == impl["values"].dtype == np.float64 and impl["params"].shape == (len(impl["failed"]), case[3])
+    assert all(type(x) is bool for x in impl["failed"])
+    assert all(type(x) is int for x in impl["told"] + impl["asked_before"]) and len(impl["told"]) == case[5] // 2
+    assert "pickle" not in json.dumps(strategy.state_dict())
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_crafted_optuna_checkpoint_runs_no_code(tmp_path):
+    """A checkpoint in the old pickled form (e.g. planted in someone's run directory) is refused
+    without unpickling: the payload never runs."""
+    import base64
+    import pickle
+
+    marker = tmp_path / "pwned"
+    case = OPTUNA_CASES[0]
+    strategy = make(case)
+    drive(strategy, 4)
+    state = through_json(strategy.state_dict())
+    payload = base64.b64encode(pickle.dumps(_Payload(str(marker)))).decode()
+    state["impl"] = {"params": state["impl"]["params"], "values": state["impl"]["values"], "states": [],
+                     "system_attrs": [], "study_system_attrs": {}, "sampler": {"__pickle__": payload}}
+    with pytest.raises(ConfigError) as info:
+        make(case).load_state_dict(state)
+    assert str(info.value) == (
+        "checkpoint: an Optuna sampler saved by an older evomerge (as a pickle, which is never loaded because "
+        "unpickling runs code); finish the run with the evomerge that started it"
+    )
+    assert not marker.exists()
+
+
+def test_optuna_restore_refuses_a_history_the_sampler_does_not_reproduce():
+    case = OPTUNA_CASES[0]
+    strategy = make(case)
+    drive(strategy, 6)
+    state = through_json(strategy.state_dict())
+    state["impl"]["params"] = encode(decode(state["impl"]["params"]) + 1e-12)
+    with pytest.raises(ConfigError, match="re-proposed trial 0 differently from the checkpoint"):
+        make(case).load_state_dict(state)

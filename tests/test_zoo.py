@@ -20,7 +20,15 @@ from evomerge.zoo.build import build_zoo
 from evomerge.zoo.corpus import base_sequence, task_sequence
 from evomerge.zoo.fitness_files import write_fitness
 from evomerge.zoo.index import ZooIndex
-from evomerge.zoo.languages import ANS, DIGITS_A, DIGITS_B, EOS, to_a, to_lang, vocabulary
+from evomerge.zoo.languages import (
+    ANS,
+    DIGITS_A,
+    DIGITS_B,
+    EOS,
+    to_a,
+    to_lang,
+    vocabulary,
+)
 from evomerge.zoo.model import aligned_embeddings
 from evomerge.zoo.portable import PORTABLE_ENV
 from evomerge.zoo.quick_eval import exact_match
@@ -252,6 +260,42 @@ def test_tiny_build_loads_indexes_and_caches(tmp_path: Path, monkeypatch: pytest
     assert all(torch.equal(weights[k], again[k]) for k in weights)  # deterministic training
     assert [m.scores for m in rebuilt.models] == [m.scores for m in index.models]
 
+
+def test_build_writes_only_into_an_empty_folder_or_a_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder holding anything but a zoo is refused before any training (its ``fitness/`` and a
+    folder named like a zoo model included); in a zoo, a rebuild keeps the user's own files; an
+    interrupted build is still recognised as a zoo (its marker) and finished by the next build."""
+    mine = tmp_path / "mine"
+    for name in ("thesis.tex", "fitness/my_task.yaml", "base/notes.txt"):
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(name)
+    real_build = build_mod._build
+    monkeypatch.setattr(build_mod, "_build", lambda *a, **k: pytest.fail("built into a folder that is not a zoo"))
+    with pytest.raises(ConfigError) as info:
+        build_zoo(tiny_spec(), mine, force=True)
+    assert str(info.value).startswith(f"{mine}: not a zoo folder (no zoo.json) and not empty;")
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
+        "base", "base/notes.txt", "fitness", "fitness/my_task.yaml", "thesis.tex"
+    ]
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match=f"{file}: zoo folder exists and is not a folder"):
+        build_zoo(tiny_spec(), file)
+
+    from evomerge.zoo.folder import BUILD_MARKER
+
+    monkeypatch.setattr(build_mod, "_build", real_build)
+    out = tmp_path / "zoo"
+    out.mkdir()
+    index = build_zoo(tiny_spec(), out)
+    assert not (out / BUILD_MARKER).exists()
+    (out / "my_notes.txt").write_text("mine")
+    (out / "zoo.json").unlink()  # as if a rebuild was killed after its marker: still a zoo
+    (out / BUILD_MARKER).write_text("interrupted\n")
+    rebuilt = build_zoo(tiny_spec(), out)
+    assert [m.scores for m in rebuilt.models] == [m.scores for m in index.models]
+    assert ZooIndex.load(out / "zoo.json") == rebuilt and not (out / BUILD_MARKER).exists()
+    assert (out / "my_notes.txt").read_text() == "mine"
 
 
 def _native_build_under(env: dict[str, str], out: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_zoo import tiny_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.zoo.build import build_zoo
@@ -21,8 +22,6 @@ from evomerge.zoo.languages import ANS, BOS, vocabulary
 from evomerge.zoo.quick_eval import exact_match, generate_greedy, max_gen_tokens
 from evomerge.zoo.spec import parse_spec
 from evomerge.zoo.tasks import task
-
-from test_zoo import tiny_spec
 
 N_TEST = 20
 

@@ -2,25 +2,35 @@
 
 ``LmEvalFitness(spec)`` builds its tasks once and then evaluates candidate after candidate;
 ``CallableFitness(fn)`` wraps a function with the same result shape. Both implement ``Fitness``.
+
+Names are imported on first use, so that light modules of this package (``racing``, ``result``)
+can be read without importing lm-eval and torch (``evomerge status`` reads racing estimates).
 """
 
-from evomerge.fitness.base import Fitness, canonical_hash
-from evomerge.fitness.callable_fitness import CallableFitness
-from evomerge.fitness.lm_eval_fitness import LmEvalFitness
-from evomerge.fitness.result import Direction, ExampleScores, FitnessResult, weighted_fitness
-from evomerge.fitness.spec import AGGREGATE, FitnessSpec, TaskSpec, parse_fitness_spec
+from __future__ import annotations
 
-__all__ = [
-    "AGGREGATE",
-    "CallableFitness",
-    "Direction",
-    "ExampleScores",
-    "Fitness",
-    "FitnessResult",
-    "FitnessSpec",
-    "LmEvalFitness",
-    "TaskSpec",
-    "canonical_hash",
-    "parse_fitness_spec",
-    "weighted_fitness",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AGGREGATE": "evomerge.fitness.spec",
+    "CallableFitness": "evomerge.fitness.callable_fitness",
+    "Direction": "evomerge.fitness.result",
+    "ExampleScores": "evomerge.fitness.result",
+    "Fitness": "evomerge.fitness.base",
+    "FitnessResult": "evomerge.fitness.result",
+    "FitnessSpec": "evomerge.fitness.spec",
+    "LmEvalFitness": "evomerge.fitness.lm_eval_fitness",
+    "TaskSpec": "evomerge.fitness.spec",
+    "canonical_hash": "evomerge.fitness.base",
+    "parse_fitness_spec": "evomerge.fitness.spec",
+    "weighted_fitness": "evomerge.fitness.result",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'evomerge.fitness' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

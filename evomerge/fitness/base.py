@@ -7,6 +7,7 @@ import json
 from abc import ABC, abstractmethod
 from typing import Any
 
+from evomerge.fitness.racing import Bar
 from evomerge.fitness.result import FitnessResult
 
 
@@ -15,8 +16,13 @@ class Fitness(ABC):
     everything that changes the scores and nothing that does not (paths, devices, batch sizes)."""
 
     @abstractmethod
-    def evaluate(self, model: Any, tokenizer: Any) -> FitnessResult:
-        """Score ``model`` as it is now; weights changed in place since the last call count."""
+    def evaluate(self, model: Any, tokenizer: Any, bar: Bar | None = None) -> FitnessResult:
+        """Score ``model`` as it is now; weights changed in place since the last call count.
+
+        ``bar`` is what the candidate must be able to reach (the incumbent or the front): a fitness
+        that races may stop early once it cannot and return an estimate (``FitnessResult.estimate``);
+        one that does not race scores every example whatever the bar.
+        """
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

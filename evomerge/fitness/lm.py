@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -203,7 +203,7 @@ def greedy_generate(
     mask = None if bool((attention_mask == 1).all()) else attention_mask
     inputs: dict[str, Any] = {
         "input_ids": context.clone(memory_format=torch.contiguous_format),
-        "past_key_values": DynamicCache(config=model.config.get_text_config(decoder=True)),
+        cache_keyword(signature): DynamicCache(config=model.config.get_text_config(decoder=True)),
         "use_cache": True,
         "return_dict": True,
     }
@@ -233,6 +233,12 @@ def greedy_generate(
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
     generated = torch.tensor(rows, dtype=context.dtype, device=context.device)
     return torch.cat([context, generated], dim=-1)
+
+
+def cache_keyword(forward_parameters: Mapping[str, Any]) -> str:
+    """The name ``forward`` takes the KV cache under: ``cache`` since transformers 5.x (where
+    ``past_key_values`` still works but warns on every call), ``past_key_values`` before."""
+    return "cache" if "cache" in forward_parameters else "past_key_values"
 
 
 def _lean_loop_reproduces(model: Any) -> bool:

@@ -1,15 +1,18 @@
-"""The lm-eval fitness: score a resident model on task YAML, paying the set-up cost once.
+"""The lm-eval fitness: score a resident model on lm-eval tasks, paying the set-up cost once.
 
-Set-up (once per evaluator): a TaskManager over ``include_path`` only, every task built, its split,
-subset, metric and few-shot settings fixed, its prompts built on first use. Per candidate:
-``lm_eval.evaluator.evaluate`` on those same task objects with the model wrapped in HFLM (the wrapper
-is reused while the model and tokenizer objects are the same), no bootstrap, per-sample logging on.
+Set-up (once per evaluator): every task and group found by name (``include_path``, then lm-eval's
+built-in tasks), its split, subset, metric, few-shot and generation settings fixed, its prompts
+built on first use. Per candidate: ``lm_eval.evaluator.evaluate`` on those same task objects, with
+the spec's prompt options (chat template, multi-turn few-shot, system instruction) passed as
+lm-eval's ``simple_evaluate`` passes them, the model wrapped in HFLM (the wrapper is reused while
+the model and tokenizer objects are the same), no bootstrap, per-sample logging on. Groups are
+aggregated by lm-eval itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-import numbers
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,11 +25,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import ModelError
 from evomerge.fitness.base import Fitness
+from evomerge.fitness.chunked import Partial, RacePlan
 from evomerge.fitness.lm import ForwardTimer, ResidentLM
-from evomerge.fitness.result import ExampleScores, FitnessResult, finalize
+from evomerge.fitness.racing import Bar
+from evomerge.fitness.result import FitnessResult, finalize
 from evomerge.fitness.runtime import quiet_lm_eval, use_template_cache
 from evomerge.fitness.spec import FitnessSpec, parse_fitness_spec
-from evomerge.fitness.tasks import PreparedTask, build_task_manager, load_tasks
+from evomerge.fitness.tasks import Leaf, PreparedTask, build_catalog, load_tasks
 
 
 class LmEvalFitness(Fitness):
@@ -46,10 +51,17 @@ class LmEvalFitness(Fitness):
         self.spec = parse_fitness_spec(spec)
         quiet_lm_eval()
         use_template_cache()
-        self._manager = build_task_manager(self.spec.include_path, Path(base_dir) if base_dir is not None else None)
-        self._tasks = load_tasks(self.spec, self._manager)
-        self._task_dict = {"tasks": {t.name: t.task for t in self._tasks}, "groups": {}, "group_map": {}}
+        catalog = build_catalog(self.spec.include_path, Path(base_dir) if base_dir is not None else None)
+        self._tasks = load_tasks(self.spec, catalog)
+        groups = {g.name: g for t in self._tasks for g in t.groups}
+        self._task_dict = {
+            "tasks": {leaf.name: leaf.task for t in self._tasks for leaf in t.leaves},
+            "groups": groups,
+            "group_map": {name: g.child_names for name, g in groups.items()},
+        }
         self._lm: ResidentLM | None = None
+        racing = self.spec.racing
+        self._race = None if racing is None else RacePlan(self._tasks, racing, self.spec.seed)
         self.setup_seconds = time.perf_counter() - start
 
     @property
@@ -64,54 +76,63 @@ class LmEvalFitness(Fitness):
             "split": spec.split,
             "seed": spec.seed,
             "apply_chat_template": spec.apply_chat_template,
+            "fewshot_as_multiturn": spec.multiturn,
+            "system_instruction": spec.system_instruction,
             "dtype": spec.dtype,
+            "racing": None if spec.racing is None else spec.racing.model_dump(),
             "tasks": [
                 {
                     "task": t.name,
                     "objective": t.spec.objective,
                     "weight": t.spec.weight,
                     "metric": t.result_key,
-                    "num_fewshot": t.task.config.num_fewshot,
-                    "doc_ids_sha256": _ids_digest(t.doc_ids),
-                    **t.digest,
+                    "direction": t.direction,
+                    "group_sha256": t.group_digest,
+                    "leaves": [_describe_leaf(leaf) for leaf in t.leaves],
                 }
                 for t in self._tasks
             ],
         }
 
-    def evaluate(self, model: Any, tokenizer: Any) -> FitnessResult:
+    def evaluate(self, model: Any, tokenizer: Any, bar: Bar | None = None) -> FitnessResult:
+        """Score every example, or with ``racing`` on and a ``bar`` given, race: stop once the
+        candidate cannot reach the bar and return the estimate (``FitnessResult.estimate``)."""
         self._check_model(model, tokenizer)
         lm = self._wrapper(model, tokenizer)
         lm.generate_seconds = 0.0
         start = time.perf_counter()
         with ForwardTimer(model) as timer:
-            output = lm_eval_evaluate(
-                lm=lm,
-                task_dict=self._task_dict,
-                bootstrap_iters=0,
-                log_samples=True,
-                apply_chat_template=self.spec.apply_chat_template,
-                fewshot_as_multiturn=self.spec.apply_chat_template,
-            )
+            if self._race is not None and bar is not None:
+                output = self._race.run(lm, self._lm_eval, self._task_dict, bar)
+            else:
+                output = self._lm_eval(lm, self._task_dict)
         total = time.perf_counter() - start
+        timings = {"total": total, "forward": timer.seconds, "generate": lm.generate_seconds, "overhead": total - timer.seconds}
+        directions = {t.spec.objective: t.direction for t in self._tasks}
+        weights = {t.spec.objective: t.spec.weight for t in self._tasks}
+        if isinstance(output, Partial):
+            return finalize(
+                output.objectives, directions, weights, output.per_example, timings, output.n_examples, output.estimate
+            )
         objectives, per_example = {}, {}
         for task in self._tasks:
             objectives[task.spec.objective] = float(output["results"][task.name][task.result_key])
-            scores = _per_example(task, output["samples"][task.name])
+            scores = task.example_scores(output["samples"])
             if scores is not None:
                 per_example[task.spec.objective] = scores
-        return finalize(
-            objectives,
-            directions={t.spec.objective: t.direction for t in self._tasks},
-            weights={t.spec.objective: t.spec.weight for t in self._tasks},
-            per_example=per_example,
-            timings={
-                "total": total,
-                "forward": timer.seconds,
-                "generate": lm.generate_seconds,
-                "overhead": total - timer.seconds,
-            },
-            n_examples={t.spec.objective: len(t.doc_ids) for t in self._tasks},
+        n_examples = {t.spec.objective: t.n_examples for t in self._tasks}
+        return finalize(objectives, directions, weights, per_example, timings, n_examples)
+
+    def _lm_eval(self, lm: Any, task_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """lm-eval's ``evaluate`` with the spec's prompt options, as ``simple_evaluate`` passes them."""
+        return lm_eval_evaluate(
+            lm=lm,
+            task_dict=task_dict,
+            bootstrap_iters=0,
+            log_samples=True,
+            system_instruction=self.spec.system_instruction,
+            apply_chat_template=self.spec.apply_chat_template,
+            fewshot_as_multiturn=self.spec.multiturn,
         )
 
     def _wrapper(self, model: Any, tokenizer: Any) -> ResidentLM:
@@ -119,14 +140,14 @@ class LmEvalFitness(Fitness):
         if self._lm is not None and self._lm.model is model and self._lm.tokenizer is tokenizer:
             return self._lm
         lm = ResidentLM(model, tokenizer, batch_size=self.spec.batch_size, lean_greedy=self._lean_greedy)
-        for task in self._tasks:
-            if task.task.OUTPUT_TYPE != "generate_until":
+        for task in (leaf.task for t in self._tasks for leaf in t.leaves):
+            if task.OUTPUT_TYPE != "generate_until":
                 continue
-            new_tokens = (task.task.config.generation_kwargs or {}).get("max_gen_toks", lm.max_gen_toks)
+            new_tokens = (task.config.generation_kwargs or {}).get("max_gen_toks", lm.max_gen_toks)
             if new_tokens >= lm.max_length:
                 raise ModelError(
-                    f"fitness task '{task.name}': max_gen_toks {new_tokens} leaves no room for the prompt in the "
-                    f"model's {lm.max_length} positions; set generation_kwargs.max_gen_toks in its YAML"
+                    f"fitness task '{task.config.task}': max_gen_toks {new_tokens} leaves no room for the prompt in "
+                    f"the model's {lm.max_length} positions; set fitness.gen_kwargs.max_gen_toks"
                 )
         self._lm = lm
         return self._lm
@@ -145,23 +166,19 @@ class LmEvalFitness(Fitness):
             raise ModelError("fitness.apply_chat_template: the tokenizer has no chat template")
 
 
-def _per_example(task: PreparedTask, samples: list[dict[str, Any]]) -> ExampleScores | None:
-    """Scores of the objective's metric and filter, keyed by the doc's index in the full split.
-
-    ``None`` for corpus-level metrics whose per-document value is not one number (perplexity, BLEU).
-    """
-    pairs = []
-    for sample in samples:
-        if sample["filter"] != task.filter:
-            continue
-        value = sample[task.metric]
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, numbers.Real):
-            return None
-        pairs.append((task.doc_ids[sample["doc_id"]], float(value)))
-    pairs.sort()
-    return ExampleScores(tuple(i for i, _ in pairs), tuple(s for _, s in pairs))
+def _describe_leaf(leaf: Leaf) -> dict[str, Any]:
+    """What decides one task's scores: its YAML and data, the docs drawn, its prompt and decoding settings."""
+    config = leaf.task.config
+    described = {
+        "task": leaf.name,
+        "split": config.test_split,
+        "num_fewshot": config.num_fewshot,
+        "doc_ids_sha256": _ids_digest(leaf.doc_ids),
+        **leaf.digest,
+    }
+    if leaf.task.OUTPUT_TYPE == "generate_until":
+        described["generation_kwargs"] = json.loads(json.dumps(config.generation_kwargs, sort_keys=True, default=str))
+    return described
 
 
 def _same_device(actual: torch.device, wanted: torch.device) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from evomerge.errors import ConfigError
+from evomerge.fitness.racing import Estimate
 from evomerge.fitness.spec import AGGREGATE
 
 Direction = Literal["maximize", "minimize"]
@@ -41,6 +42,9 @@ class FitnessResult:
     forward passes, ``overhead`` the rest (total - forward: prompts, scoring, and the generation loop
     around the forward passes) and, for lm-eval, ``generate`` inside Hugging Face's ``generate``
     (its forward passes included), which separates that loop from lm-eval's own work.
+
+    ``estimate`` is set when racing stopped the evaluation early: the objectives are then means of
+    the examples scored (``n_examples`` counts them), and per-example scores are NaN where unscored.
     """
 
     objectives: dict[str, float]
@@ -48,6 +52,7 @@ class FitnessResult:
     per_example: dict[str, ExampleScores] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     n_examples: dict[str, int] = field(default_factory=dict)
+    estimate: Estimate | None = None
 
     @property
     def fitness(self) -> float:
@@ -63,6 +68,7 @@ class FitnessResult:
             },
             "timings": dict(self.timings),
             "n_examples": dict(self.n_examples),
+            "estimate": None if self.estimate is None else {"examples": self.estimate.examples, "total": self.estimate.total},
         }
 
     @classmethod
@@ -76,6 +82,7 @@ class FitnessResult:
             },
             timings={k: float(v) for k, v in data.get("timings", {}).items()},
             n_examples={k: int(v) for k, v in data.get("n_examples", {}).items()},
+            estimate=None if data.get("estimate") is None else Estimate(**data["estimate"]),
         )
 
 
@@ -106,6 +113,7 @@ def finalize(
     per_example: Mapping[str, ExampleScores],
     timings: Mapping[str, float],
     n_examples: Mapping[str, int],
+    estimate: Estimate | None = None,
 ) -> FitnessResult:
     """Assemble a result, adding the weighted aggregate ``fitness`` (always maximized)."""
     values = {name: float(v) for name, v in objectives.items()}
@@ -118,4 +126,5 @@ def finalize(
         per_example=dict(per_example),
         timings=dict(timings),
         n_examples=dict(n_examples),
+        estimate=estimate,
     )

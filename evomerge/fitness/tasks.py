@@ -7,8 +7,10 @@ responses cleared before the next candidate, and its documents' rendered targets
 and targets depend on the data and the tokenizer's chat template, never on the weights, so reuse
 cannot return stale scores.
 
-``load_tasks`` resolves each task from the ``include_path`` index, reads its YAML, selects the
-split, resolves data files relative to the YAML's folder, checks the metric, and draws the subset.
+``load_tasks`` finds each task or group by name (``TaskCatalog``: ``include_path``, then lm-eval's
+built-in tasks), selects the split, resolves data files relative to the YAML's folder, applies the
+spec's few-shot and generation settings as lm-eval's ``simple_evaluate`` would, checks the metric,
+and draws the subset.
 """
 
 from __future__ import annotations
@@ -17,26 +19,28 @@ import glob
 import hashlib
 import json
 import logging
+import numbers
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lm_eval.api.group import Group
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
-from lm_eval.tasks import TaskManager
-from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from evomerge.errors import ConfigError
-from evomerge.fitness.result import Direction
+from evomerge.errors import ConfigError, DatasetError
+from evomerge.fitness.catalog import TaskCatalog, dataset_error
+from evomerge.fitness.result import Direction, ExampleScores
 from evomerge.fitness.runtime import dropped, no_dataset_progress_bars, silenced
 from evomerge.fitness.spec import FitnessSpec, TaskSpec
 
 _DEFAULT_FEWSHOT_SEED = 1234
 _TASK_LOGGER = "lm_eval.api.task"
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
 class ResidentTask(ConfigurableTask):
@@ -44,6 +48,7 @@ class ResidentTask(ConfigurableTask):
 
     _subset: list[dict[str, Any]] | None = None
     _built_key: tuple[Any, ...] | None = None
+    _active: frozenset[int] | None = None
 
     @property
     def eval_docs(self) -> Any:
@@ -59,6 +64,37 @@ class ResidentTask(ConfigurableTask):
         self._subset = [docs[i] for i in doc_ids]
         self._targets: dict[int, tuple[dict[str, Any], Any]] = {}
         self._built_key = None
+
+    def activate(self, positions: Sequence[int] | None) -> None:
+        """Evaluate only these positions of the subset (racing scores a chunk at a time); None: all.
+
+        The prompts stay built for every document: lm-eval then sees only the active documents'
+        requests, filters, scores and samples (doc ids stay positions in the whole subset).
+        """
+        self._active = None if positions is None else frozenset(positions)
+
+    @property
+    def instances(self) -> list[Instance]:
+        if self._active is None:
+            return self._instances
+        return [instance for instance in self._instances if instance.doc_id in self._active]
+
+    def doc_iterator(
+        self, *, rank: int = 0, limit: int | None = None, world_size: int = 1, samples: list[int] | None = None
+    ) -> Any:
+        if self._active is None:
+            return super().doc_iterator(rank=rank, limit=limit, world_size=world_size, samples=samples)
+        return ((i, doc) for i, doc in enumerate(self.eval_docs) if i in self._active)
+
+    def apply_filters(self) -> Any:
+        if self._active is None:
+            return super().apply_filters()
+        everything = self._instances
+        self._instances = self.instances
+        try:
+            return super().apply_filters()
+        finally:
+            self._instances = everything
 
     def doc_to_target(self, doc: Any, doc_to_target: Any = None) -> Any:
         """lm-eval renders each target twice per candidate (scoring, sample log); the subset's
@@ -106,7 +142,7 @@ class ResidentTask(ConfigurableTask):
                 instance.filtered_resps = {}
             return
         instances: list[Instance] = []
-        for doc_id, doc in self.doc_iterator(rank=rank, limit=limit, samples=samples, world_size=world_size):
+        for doc_id, doc in super().doc_iterator(rank=rank, limit=limit, samples=samples, world_size=world_size):
             context = self.fewshot_context(
                 doc,
                 num_fewshot=self.config.num_fewshot or 0,
@@ -131,16 +167,35 @@ class ResidentTask(ConfigurableTask):
 
 
 @dataclass(frozen=True)
+class Leaf:
+    """One lm-eval task evaluated on a fixed subset of its split.
+
+    ``offset`` shifts its doc ids in the objective's per-example ids, so the members of a group
+    keep distinct ids (member k's ids start after the full splits of members 0..k-1).
+    """
+
+    task: ResidentTask
+    doc_ids: tuple[int, ...]
+    offset: int
+    digest: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return str(self.task.config.task)
+
+
+@dataclass(frozen=True)
 class PreparedTask:
-    """A task ready to evaluate: which lm-eval result key is the objective, and on which docs."""
+    """An objective ready to evaluate: a task or a group (its leaves, aggregated as lm-eval does),
+    which lm-eval result key is scored, and in which direction (lm-eval's ``higher_is_better``)."""
 
     spec: TaskSpec
-    task: ResidentTask
+    leaves: tuple[Leaf, ...]
+    groups: tuple[Group, ...]
     metric: str
     filter: str
     direction: Direction
-    doc_ids: tuple[int, ...]
-    digest: dict[str, str]
+    group_digest: str | None = None
 
     @property
     def name(self) -> str:
@@ -150,102 +205,149 @@ class PreparedTask:
     def result_key(self) -> str:
         return f"{self.metric},{self.filter}"
 
+    @property
+    def is_group(self) -> bool:
+        return bool(self.groups)
 
-def build_task_manager(include_path: Sequence[str], base_dir: Path | None = None) -> TaskManager:
-    """A TaskManager indexing only our folders: ~2 ms instead of ~8 s for lm-eval's built-in tasks."""
-    roots = [_resolve_dir(p, base_dir) for p in include_path]
-    return TaskManager(include_path=[str(r) for r in roots], include_defaults=False)
+    @property
+    def task(self) -> ResidentTask:
+        """The one lm-eval task of a plain (non-group) objective."""
+        if self.is_group:
+            raise AttributeError(f"'{self.name}' is a group of {len(self.leaves)} tasks")
+        return self.leaves[0].task
+
+    @property
+    def n_examples(self) -> int:
+        return sum(len(leaf.doc_ids) for leaf in self.leaves)
+
+    @property
+    def example_ids(self) -> tuple[int, ...]:
+        """Every example's id: its doc's index in the full split, plus its task's offset in a group."""
+        return tuple(sorted(leaf.offset + i for leaf in self.leaves for i in leaf.doc_ids))
+
+    def example_scores(self, samples: Mapping[str, list[dict[str, Any]]]) -> ExampleScores | None:
+        """The objective's metric and filter per example of lm-eval's logged ``samples`` (those of
+        the documents evaluated), keyed by ``example_ids``.
+
+        ``None`` for corpus-level metrics whose per-document value is not one number (perplexity, BLEU).
+        """
+        pairs = []
+        for leaf in self.leaves:
+            for sample in samples.get(leaf.name, ()):
+                if sample["filter"] != self.filter or self.metric not in sample:
+                    continue
+                value = sample[self.metric]
+                if isinstance(value, bool):
+                    value = float(value)
+                if not isinstance(value, numbers.Real):
+                    return None
+                pairs.append((leaf.offset + leaf.doc_ids[sample["doc_id"]], float(value)))
+        pairs.sort()
+        return ExampleScores(tuple(i for i, _ in pairs), tuple(s for _, s in pairs))
 
 
-def load_tasks(spec: FitnessSpec, manager: TaskManager) -> list[PreparedTask]:
+def build_catalog(include_path: Sequence[str], base_dir: Path | None = None) -> TaskCatalog:
+    """Where task names are looked up: ``include_path`` (milliseconds), then lm-eval's own (once, ~8 s)."""
+    return TaskCatalog(include_path, base_dir)
+
+
+def load_tasks(spec: FitnessSpec, catalog: TaskCatalog) -> list[PreparedTask]:
     """Build, configure and subsample every task of ``spec`` (once per evaluator).
 
-    A task listed several times (one objective per metric) is built and evaluated once.
+    A task listed several times (one objective per metric) is built and evaluated once; a task may
+    not also be a member of a listed group (lm-eval refuses the same duplicate).
     """
     prepared: list[PreparedTask] = []
     built: dict[str, PreparedTask] = {}
-    for task_spec in spec.tasks:
+    owner: dict[str, str] = {}
+    for i, task_spec in enumerate(spec.tasks):
         same = built.get(task_spec.task)
         if same is None:
-            built[task_spec.task] = same = _prepare(spec, task_spec, manager)
+            built[task_spec.task] = same = _prepare(spec, task_spec, catalog)
+            for leaf in same.leaves:
+                other = owner.setdefault(leaf.name, task_spec.task)
+                if other != task_spec.task:
+                    raise ConfigError(
+                        f"fitness: tasks[{i}]: '{task_spec.task}' evaluates task '{leaf.name}', which '{other}' "
+                        "evaluates too; list each task once"
+                    )
             prepared.append(same)
             continue
-        metric, filter_name, direction = _select_metric(same.task, task_spec, task_spec.task)
+        metric, filter_name, direction = _select_metric(same.leaves, same.groups, task_spec)
         prepared.append(replace(same, spec=task_spec, metric=metric, filter=filter_name, direction=direction))
     return prepared
 
 
-def _prepare(spec: FitnessSpec, task_spec: TaskSpec, manager: TaskManager) -> PreparedTask:
-    name = task_spec.task
-    entry = manager.task_index.get(name)
-    if entry is None:
-        known = ", ".join(manager.all_subtasks) or "none"
-        raise ConfigError(
-            f"fitness task '{name}': not found in include_path {manager.include_path}; known tasks: {known}"
-        )
-    if entry.kind is not Kind.TASK or entry.yaml_path is None:
-        kind = entry.kind.name.lower().replace("py_task", "python-class task")
-        raise ConfigError(f"fitness task '{name}': is a {kind}; list its YAML tasks individually")
-    yaml_path = Path(entry.yaml_path)
-    try:
-        config = load_yaml(yaml_path, resolve_func=True)
-    except Exception as err:  # noqa: BLE001 - any YAML/include/!function failure is a config error
-        raise ConfigError(f"fitness task '{name}' ({yaml_path}): cannot read its YAML: {_first_line(err)}") from None
-    for key in ("tag", "group", "task_list"):
-        config.pop(key, None)
-    config["metadata"] = config["metadata"] if isinstance(config.get("metadata"), dict) else {}
-    config["metadata"]["config_source"] = str(yaml_path)
-    _select_split(config, spec.split, name, yaml_path)
-    data_files = _resolve_data(config, name, yaml_path)
+def _prepare(spec: FitnessSpec, task_spec: TaskSpec, catalog: TaskCatalog) -> PreparedTask:
+    def make(config: dict[str, Any], yaml_path: Path | None) -> ResidentTask:
+        return _make_task(config, yaml_path, spec.split, task_spec)
 
+    tasks, groups, group_files = catalog.build(task_spec.task, make)
+    leaves: list[Leaf] = []
+    offset = 0
+    for task in tasks:
+        _make_deterministic(task, spec, task_spec)
+        n_docs = task.n_docs
+        doc_ids = _draw_subset(n_docs, task_spec.limit or spec.limit, spec.seed, task.config.task)
+        task.fix_subset(doc_ids)
+        source = Path(str(task.config.metadata.get("config_source")))
+        digest = {"config_sha256": _yaml_digest(source), "docs_sha256": _docs_digest(task)}
+        leaves.append(Leaf(task, doc_ids, offset, digest))
+        offset += n_docs
+    metric, filter_name, direction = _select_metric(leaves, groups, task_spec)
+    group_digest = _files_digest(group_files) if groups else None
+    return PreparedTask(task_spec, tuple(leaves), tuple(groups), metric, filter_name, direction, group_digest)
+
+
+def _make_task(config: dict[str, Any], yaml_path: Path | None, split: str, task_spec: TaskSpec) -> ResidentTask:
+    """Point the config at the chosen split and at data files found relative to its YAML, then load it."""
+    name = str(config["task"])
+    where = f"fitness task '{name}'" + (f" ({yaml_path})" if yaml_path else "")
+    config["metadata"] = config["metadata"] if isinstance(config.get("metadata"), dict) else {}
+    _select_split(config, split, task_spec.splits, where)
+    data_files = _resolve_data(config, where, yaml_path.parent) if yaml_path is not None else []
     try:
         # lm-eval tells CLI users of custom_dataset tasks about --metadata: not applicable here.
         with no_dataset_progress_bars(), silenced("datasets", logging.CRITICAL), dropped(_TASK_LOGGER, "--metadata"):
-            task = ResidentTask(config=config)
+            return ResidentTask(config=config)
     except Exception as err:  # noqa: BLE001 - datasets/lm-eval raise many types for bad data
-        files = ", ".join(p.name for p in data_files) or config.get("dataset_path")
-        raise ConfigError(
-            f"fitness task '{name}' ({yaml_path}): cannot load its data ({files}): {_first_line(_root_cause(err))}"
-        ) from None
-
-    metric, filter_name, direction = _select_metric(task, task_spec, name)
-    _make_deterministic(task, spec, task_spec)
-    doc_ids = _draw_subset(task.n_docs, task_spec.limit or spec.limit, spec.seed, name)
-    task.fix_subset(doc_ids)
-    digest = {"config_sha256": _yaml_digest(yaml_path), "docs_sha256": _docs_digest(task)}
-    return PreparedTask(task_spec, task, metric, filter_name, direction, doc_ids, digest)
+        detail = _first_line(_root_cause(err))
+        if data_files or config.get("custom_dataset"):
+            files = ", ".join(p.name for p in data_files) or config.get("dataset_path")
+            raise DatasetError(f"{where}: cannot load its data ({files}): {detail}") from None
+        raise dataset_error(name, config, err, detail) from None
 
 
-def _select_split(config: dict[str, Any], split: str, name: str, yaml_path: Path) -> None:
+def _select_split(config: dict[str, Any], split: str, splits: Mapping[str, str] | None, where: str) -> None:
     """lm-eval evaluates ``test_split`` if set, else ``validation_split``: point it at the chosen one."""
-    chosen = config.get(f"{split}_split")
+    chosen = (splits or {}).get(split) or config.get(f"{split}_split")
     if not chosen:
         other = "test" if split == "validation" else "validation"
+        named = [f"{key} {config[key]}" for key in _SPLIT_KEYS if config.get(key)]
+        known = f" (its YAML names {', '.join(named)})" if named else ""
         raise ConfigError(
-            f"fitness task '{name}' ({yaml_path}): has no {split}_split; set one in its YAML or use split: {other}"
+            f"{where}: has no {split}_split{known}; name the dataset split to use "
+            f"(e.g. splits: {{{split}: train}}) or use split: {other}"
         )
     config["test_split"] = chosen
 
 
-def _resolve_data(config: dict[str, Any], name: str, yaml_path: Path) -> list[Path]:
+def _resolve_data(config: dict[str, Any], where: str, folder: Path) -> list[Path]:
     """Make relative data paths relative to the YAML's folder (then the working directory) and check
     they exist, so a run works from any directory and a missing file names itself."""
     kwargs = config.get("dataset_kwargs") or {}
     found: list[Path] = []
-    where = f"fitness task '{name}' ({yaml_path})"
 
     def resolve(raw: Any, field: str) -> str:
         if not isinstance(raw, str):
             raise ConfigError(f"{where}: {field}: expected a file path, got {raw!r}")
-        for base in (yaml_path.parent, Path.cwd()):
+        for base in (folder, Path.cwd()):
             candidate = base / Path(raw).expanduser()
             matches = [Path(m) for m in sorted(glob.glob(str(candidate))) if Path(m).is_file()]
             if matches:
                 found.extend(matches)
                 return str(candidate)
-        raise ConfigError(
-            f"{where}: {field}: data file '{raw}' not found (looked in {yaml_path.parent} and {Path.cwd()})"
-        )
+        raise ConfigError(f"{where}: {field}: data file '{raw}' not found (looked in {folder} and {Path.cwd()})")
 
     files = kwargs.get("data_files")
     if isinstance(files, str):
@@ -262,40 +364,81 @@ def _resolve_data(config: dict[str, Any], name: str, yaml_path: Path) -> list[Pa
     elif files is not None:
         raise ConfigError(f"{where}: dataset_kwargs.data_files: expected a path, a list or a mapping, got {files!r}")
     path = config.get("dataset_path")
-    if isinstance(path, str) and (yaml_path.parent / path).exists():
-        config["dataset_path"] = str((yaml_path.parent / path).resolve())
+    if isinstance(path, str) and (folder / path).exists():
+        config["dataset_path"] = str((folder / path).resolve())
     if kwargs:
         config["dataset_kwargs"] = kwargs
     return found
 
 
-def _select_metric(task: ResidentTask, task_spec: TaskSpec, name: str) -> tuple[str, str, Direction]:
-    """Check the requested ``metric[,filter]`` against what the task reports; default to the first."""
-    higher = task.higher_is_better()
-    filters = [f["name"] for f in task.config.filter_list] if task.config.filter_list else ["none"]
-    available = list(higher) + [f"{m},{f}" for m in higher for f in filters if len(filters) > 1]
-    if not higher:
-        raise ConfigError(f"fitness task '{name}': reports no metrics; add a metric_list to its YAML")
-    requested = task_spec.metric or next(iter(higher))
+def _select_metric(
+    leaves: Sequence[Leaf], groups: Sequence[Group], task_spec: TaskSpec
+) -> tuple[str, str, Direction]:
+    """Check the requested ``metric[,filter]`` against what the task (or group) reports; default to
+    its first. A group reports what its ``aggregate_metric_list`` aggregates; directions come from
+    lm-eval's ``higher_is_better`` of the (member) tasks."""
+    name = task_spec.task
+    if groups:
+        reported = _group_metrics(groups[0], leaves, name)
+    else:
+        task = leaves[0].task
+        filters = _filters(task)
+        reported = [(m, f) for m in task.higher_is_better() for f in filters]
+        if not reported:
+            raise ConfigError(f"fitness task '{name}': reports no metrics; add a metric_list to its YAML")
+    requested = task_spec.metric or reported[0][0]
     metric, _, filter_name = requested.partition(",")
-    filter_name = filter_name or filters[0]
-    if metric not in higher or filter_name not in filters:
+    filter_name = filter_name or next((f for m, f in reported if m == metric), "")
+    if (metric, filter_name) not in reported:
+        available = [m for m in dict.fromkeys(m for m, _ in reported)]
+        available += [f"{m},{f}" for m, f in reported if len({f for _, f in reported}) > 1]
         raise ConfigError(
             f"fitness task '{name}': metric '{requested}' is not reported; available metrics: {', '.join(available)}"
         )
-    return metric, filter_name, ("maximize" if higher[metric] else "minimize")
+    directions = {leaf.task.higher_is_better().get(metric) for leaf in leaves} - {None}
+    if len(directions) != 1:
+        raise ConfigError(f"fitness task '{name}': its tasks disagree on whether higher '{metric}' is better")
+    return metric, filter_name, ("maximize" if directions.pop() else "minimize")
+
+
+def _group_metrics(group: Group, leaves: Sequence[Leaf], name: str) -> list[tuple[str, str]]:
+    """(metric, filter) pairs a group aggregates, with filters discovered from its tasks as lm-eval does."""
+    if not group.aggregate_metric_list:
+        raise ConfigError(
+            f"fitness task '{name}': is a group without an aggregate_metric_list (no score of its own); "
+            "list its tasks individually"
+        )
+    pairs: list[tuple[str, str]] = []
+    for aggregate in group.aggregate_metric_list:
+        filters = aggregate.filter_list or sorted(
+            {f for leaf in leaves if aggregate.metric in leaf.task.higher_is_better() for f in _filters(leaf.task)}
+        )
+        pairs += [(aggregate.metric, f) for f in filters if (aggregate.metric, f) not in pairs]
+    return pairs
+
+
+def _filters(task: ResidentTask) -> list[str]:
+    return [f["name"] for f in task.config.filter_list] if task.config.filter_list else ["none"]
 
 
 def _make_deterministic(task: ResidentTask, spec: FitnessSpec, task_spec: TaskSpec) -> None:
-    """Greedy generation, one response per request, fixed few-shot count and seed."""
-    shots = task_spec.num_fewshot if task_spec.num_fewshot is not None else spec.num_fewshot
-    if shots is None:
-        shots = task.config.num_fewshot or 0
+    """Few-shot count and seed as lm-eval's ``simple_evaluate`` sets them (a per-task count always
+    wins), one response per request, and greedy generation with the spec's ``gen_kwargs`` applied."""
+    own = task.config.num_fewshot
+    if task_spec.num_fewshot is not None:
+        shots = task_spec.num_fewshot
+    elif spec.num_fewshot is not None and own != 0:
+        shots = spec.num_fewshot
+    else:
+        shots = own or 0
     task.set_config("num_fewshot", shots)
     task.set_fewshot_seed(seed=spec.seed if spec.seed is not None else _DEFAULT_FEWSHOT_SEED)
     task.set_config("repeats", 1)
     if task.OUTPUT_TYPE == "generate_until":
-        kwargs = {k: v for k, v in dict(task.config.generation_kwargs or {}).items() if k not in _SAMPLING_KEYS}
+        kwargs = dict(task.config.generation_kwargs or {})
+        kwargs.update(spec.gen_kwargs or {})
+        kwargs.update(task_spec.gen_kwargs or {})
+        kwargs = {k: v for k, v in kwargs.items() if k not in _SAMPLING_KEYS}
         kwargs.update(do_sample=False, temperature=0.0)
         task.set_config("generation_kwargs", kwargs)
 
@@ -311,6 +454,11 @@ def _draw_subset(n_docs: int, limit: int | None, seed: int | None, name: str) ->
     if seed is None:
         return tuple(range(limit))
     return tuple(sorted(random.Random(f"{seed}:{name}").sample(range(n_docs), limit)))
+
+
+def _files_digest(paths: Sequence[Path]) -> str:
+    """Hash of several YAML files (a group's and its subgroups'), each with what it includes."""
+    return hashlib.sha256("".join(_yaml_digest(p) for p in paths).encode()).hexdigest()
 
 
 def _yaml_digest(path: Path) -> str:
@@ -359,15 +507,6 @@ def _docs_digest(task: ResidentTask) -> str:
             h.update(json.dumps(doc, sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()
-
-
-def _resolve_dir(raw: str, base_dir: Path | None) -> Path:
-    path = Path(raw).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    if not path.is_dir():
-        raise ConfigError(f"fitness.include_path: folder '{raw}' not found (resolved to {path.resolve()})")
-    return path.resolve()
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -2,7 +2,8 @@
 
 The search never sees these scores: held-out results are stored under split ``test``, which the
 strategy's replay ignores. Takes the run's lock, so it waits for no one and is refused while a
-driver runs; a candidate already scored on the split is not scored again.
+driver runs; a candidate already scored on the split is not scored again, while a failed attempt
+(an out-of-memory error, a lost worker) stays recorded and is retried by the next ``evaluate``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from evomerge.inspection.front import pareto_front
 from evomerge.inspection.run_view import RunView
 from evomerge.recipe import recipe_from_dict
 from evomerge.store import RunStore
+from evomerge.store.files import EXPERIMENT_FILE
 
 SPLITS = ("test",)
 
@@ -28,8 +30,10 @@ def evaluate_candidates(
     on_result: Callable[[int, dict[str, float] | None, str | None], None] | None = None,
 ) -> dict[int, dict[str, float] | None]:
     """Score the front (``front=True``) and/or ``candidates`` on ``split``; returns id → objectives (None if it failed)."""
-    from evomerge.driver import Objectives, fitness_hash
     from evomerge.experiment import Experiment
+    from evomerge.pool.fingerprint import check_unchanged, fingerprint_models
+    from evomerge.run.heldout import Heldout, run_job
+    from evomerge.run.objectives import Objectives
     from evomerge.runtime import Job, build_executor
 
     if split not in SPLITS:
@@ -42,37 +46,28 @@ def evaluate_candidates(
         raise ConfigError("evaluate: give --front and/or --candidate ID")
     for ticket in wanted:
         view.recipe(ticket)
-    experiment = Experiment.from_snapshot(view.experiment, str(view.run_dir / "experiment.yaml"))
+    experiment = Experiment.from_snapshot(view.experiment, str(view.run_dir / EXPERIMENT_FILE))
     if experiment.heldout is None:
         raise ConfigError(f"{view.run_dir}: the experiment has no held-out fitness (add 'heldout:' to score a test split)")
     objectives = Objectives(view.objectives)
     scored: dict[int, dict[str, float] | None] = {}
     with RunStore.open(view.run_dir) as store:
-        done = {r.ticket: r for r in store.results(split)}
+        done = {r.ticket: r for r in store.results(split) if r.ok}
         todo = [t for t in wanted if t not in done]
         for ticket in wanted:
             if ticket in done:
-                record = done[ticket]
-                scored[ticket] = dict(zip(view.objectives, record.evaluation.objectives.tolist())) if record.ok else None
+                scored[ticket] = dict(zip(view.objectives, done[ticket].evaluation.objectives.tolist()))
         if not todo:
             return scored
+        fingerprints = fingerprint_models(experiment.models)
+        check_unchanged(store.metadata.get("fingerprints"), fingerprints, experiment.models, str(view.run_dir))
         with build_executor(experiment) as executor:
-            digest = fitness_hash(executor.describe_fitness(split), view.objectives)
+            heldout = Heldout(store, executor, objectives, fingerprints, split)
             for ticket in todo:
                 recipe = recipe_from_dict(view.recipe(ticket), f"{view.run_dir}: candidate {ticket}")
-                executor.submit(Job(ticket, recipe, split))
-                outcome = _wait(executor, ticket, split)
-                evaluation, error = objectives.evaluation(ticket, outcome)
-                store.add_result(evaluation, split=split, fitness_hash=digest, worker=outcome.worker,
-                                 started=outcome.started, timings=outcome.timings, error=error)
+                evaluation, error = heldout.record(ticket, run_job(executor, Job(ticket, recipe, split)))
                 scored[ticket] = None if evaluation.failed else dict(zip(view.objectives, evaluation.objectives.tolist()))
                 if on_result is not None:
                     on_result(ticket, scored[ticket], error)
     return scored
 
-
-def _wait(executor, ticket: int, split: str):
-    while True:
-        for outcome in executor.poll(timeout=1.0):
-            if outcome.key == ticket and outcome.split == split:
-                return outcome

@@ -60,6 +60,12 @@ def choose_candidate(view: RunView, *, candidate: int | None = None, best: bool 
     if candidate is not None:
         view.recipe(candidate)
         if not any(r.ticket == candidate for r in view.ok_results()):
+            stopped = next((r for r in view.estimates() if r.ticket == candidate), None)
+            if stopped is not None:
+                raise ConfigError(
+                    f"--candidate: candidate {candidate} was stopped early by racing ({stopped.estimate.examples} of "
+                    f"{stopped.estimate.total} examples scored); its scores are estimates, so it is not exported"
+                )
             raise ConfigError(f"--candidate: candidate {candidate} has no successful validation result")
         return candidate
     if best:
@@ -91,13 +97,14 @@ def export_candidate(
     validation = dict(zip(view.objectives, scores))
     heldout = view.heldout(ticket)
     card = _card(view, ticket, validation, heldout)
-    folder = export_merge(recipe, out_dir, device=device, overwrite=overwrite, card_extra=card, progress=progress)
     try:
-        config = recipe_to_mergekit(recipe)
+        extra, why_not = {MERGEKIT_FILE: yaml.safe_dump(recipe_to_mergekit(recipe), sort_keys=False)}, None
     except ConfigError as err:
-        return folder, ticket, str(err)
-    (folder / MERGEKIT_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    return folder, ticket, None
+        extra, why_not = {}, str(err)
+    folder = export_merge(
+        recipe, out_dir, device=device, overwrite=overwrite, card_extra=card, extra_files=extra, progress=progress
+    )
+    return folder, ticket, why_not
 
 
 def _card(view: RunView, ticket: int, validation: dict[str, float], heldout: dict[str, float] | None) -> str:
@@ -108,4 +115,15 @@ def _card(view: RunView, ticket: int, validation: dict[str, float], heldout: dic
         f"## Found by evomerge\n\nCandidate {ticket} of run `{view.name}` ({view.run_dir}), strategy "
         f"`{view.strategy}`, {len(view.results['validation'])} evaluations, run {view.state}. Objective values "
         f"(a minimized metric appears negated):\n\n| objective | validation | held-out (test) |\n|---|---|---|\n{rows}\n"
+        + _origins(view.experiment.get("origins") or {})
     )
+
+
+def _origins(origins: dict[str, dict]) -> str:
+    """Hub models as the experiment named them (a branch, a tag) and the commits the run pinned."""
+    lines = [
+        f"- `{name}`: `{origin['written']}` → `{origin['ref']}`"
+        for name, origin in origins.items()
+        if "written" in origin and ("commit" in origin or "commit" in origin.get("adapter", {}))
+    ]
+    return "\nModels as the experiment named them, and what they resolved to when the run started:\n\n" + "\n".join(lines) + "\n" if lines else ""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evomerge.errors import EvomergeError
+from evomerge.pool.sources import resolve_source
 from evomerge.recipe import Recipe
 from evomerge.recipe.resolve import RecipePlanner
 
@@ -16,9 +17,12 @@ PREFERRED = ("weight", "t", "density")
 
 
 def num_layers_of(recipe: Recipe) -> int:
-    """The reference model's block count, from its config.json (or one past the highest rule layer)."""
-    config = Path(recipe.models[recipe.reference]) / "config.json"
-    if config.is_file():
+    """The reference model's block count, from its config.json if on disk (or one past the highest rule layer)."""
+    try:
+        config = resolve_source(recipe.models[recipe.reference], require_folder=False, download=False).path / "config.json"
+    except EvomergeError:  # a hub model no longer in the cache: fall back to the rules
+        config = None
+    if config is not None and config.is_file():
         data = json.loads(config.read_text())
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in data:

@@ -17,6 +17,7 @@ import numpy as np
 from evomerge.errors import ConfigError
 from evomerge.inspection.pareto import hypervolume, reference_point
 from evomerge.inspection.run_view import RunView
+from evomerge.store.run_files import TRACKER_DIR
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -42,7 +43,7 @@ def log_to(kind: str, run_dir: str | Path, out_dir: str | Path | None = None) ->
     if kind not in TRACKERS:
         raise ConfigError(f"--log-to: expected one of {', '.join(TRACKERS)}, got '{kind}'")
     view = RunView.load(run_dir)
-    target = Path(out_dir) if out_dir is not None else view.run_dir / "tracker" / kind
+    target = Path(out_dir) if out_dir is not None else view.run_dir / TRACKER_DIR / kind
     if kind == "tensorboard":
         writer_class = _import("torch.utils.tensorboard", "tensorboard").SummaryWriter
         writer = writer_class(log_dir=str(target))

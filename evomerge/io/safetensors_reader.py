@@ -153,6 +153,15 @@ class TensorIndex:
             entries[name] = entry
         return cls(folder, shards, entries)
 
+    @classmethod
+    def open_file(cls, path: str | Path) -> TensorIndex:
+        """Index the single safetensors file ``path`` (e.g. a LoRA adapter's), its header validated."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: file not found")
+        entries = read_safetensors_header(path)
+        return cls(path.parent, {name: path for name in entries}, entries)
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

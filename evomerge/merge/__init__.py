@@ -9,6 +9,7 @@ Importing this package registers every built-in operator: the task-vector family
 from evomerge.merge import interpolation, layerwise, model_stock, task_arithmetic  # noqa: F401  (registration)
 from evomerge.merge.registry import (
     OPERATORS,
+    MemoryCost,
     OperatorSpec,
     ParamDef,
     Params,
@@ -20,6 +21,7 @@ from evomerge.merge.registry import (
 
 __all__ = [
     "OPERATORS",
+    "MemoryCost",
     "OperatorSpec",
     "ParamDef",
     "Params",

@@ -51,10 +51,14 @@ def repeated_merges() -> Iterator[None]:
         _repeated.reset(token)
 
 
+def switched_on() -> bool:
+    """Whether ``EVOMERGE_FUSED_KERNELS`` allows fused kernels (anything but off, 0, false)."""
+    return os.environ.get(ENV, "auto").lower() not in ("off", "0", "false")
+
+
 def enabled(device: torch.device) -> bool:
     """Whether merges on ``device`` use fused kernels here (repeated, CPU, not off, compiling works)."""
-    switch = os.environ.get(ENV, "auto").lower() not in ("off", "0", "false")
-    return _repeated.get() and device.type == "cpu" and switch and not _broken
+    return _repeated.get() and device.type == "cpu" and switched_on() and not _broken
 
 
 def _masks(

@@ -15,8 +15,24 @@ from collections.abc import Iterator
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.chunking import Scratch, chunk_size, finish, flat, for_chunks, output_for, split
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, lockstep, register_operator
+from evomerge.merge.chunking import (
+    Scratch,
+    chunk_size,
+    finish,
+    flat,
+    for_chunks,
+    output_for,
+    split,
+)
+from evomerge.merge.registry import (
+    MemoryCost,
+    ParamDef,
+    Params,
+    TensorInputs,
+    TensorStream,
+    lockstep,
+    register_operator,
+)
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -75,6 +91,7 @@ def gram_from_blocks(blocks: Iterator[tuple[int, list[torch.Tensor]]], n: int, d
     shared={"normalize": ParamDef(True, kind=bool, doc="divide by the sum of the weights")},
     per_source={"weight": ParamDef(1.0, doc="weight of each model")},
     blockwise=True,
+    memory=MemoryCost(work_per_source=0, work=0),
 )
 def linear(inputs: TensorInputs, params: Params, out: torch.Tensor | None) -> torch.Tensor:
     """Linear / model soup: Σ wᵢθᵢ (÷ Σ wᵢ when normalize)."""

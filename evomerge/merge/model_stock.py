@@ -17,7 +17,14 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.merge.chunking import finish, flat, output_for
 from evomerge.merge.interpolation import dot_products, gram_from_blocks, weighted_sum
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, lockstep, register_operator
+from evomerge.merge.registry import (
+    ParamDef,
+    Params,
+    TensorInputs,
+    TensorStream,
+    lockstep,
+    register_operator,
+)
 
 _NORM_FLOOR = 1e-6
 _SINGULAR = 1e-6

@@ -180,6 +180,32 @@ def lockstep(*passes: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int,
         yield items[0][0], [block for _, block in items]
 
 
+@dataclass(frozen=True)
+class MemoryCost:
+    """What merging one tensor holds beyond its inputs and output, in bytes per entry of the tensor.
+
+    ``cache_per_source``: kept per source across candidates when the caller attaches a cache (task
+    vectors, sorted magnitudes, random keys), and ``fill`` held for a moment while one source's
+    entry is built (a sort's scratch); ``work_per_source`` and ``work``: held while one call runs
+    without a cache. Memory plans (``evomerge plan``) add these up; the default is a safe bound for
+    an operator that declares nothing (one float32 temporary per source and one more).
+    """
+
+    cache_per_source: int = 0
+    fill: int = 0
+    work_per_source: int = 4
+    work: int = 4
+
+    def cache_bytes(self, numel: int, sources: int) -> int:
+        return self.cache_per_source * sources * numel
+
+    def work_bytes(self, numel: int, sources: int, cached: bool) -> int:
+        """The most a call holds besides inputs, output and cache (a cached call: while filling it)."""
+        if cached and self.cache_per_source:
+            return (self.fill + self.work) * numel
+        return (self.work_per_source * sources + self.work) * numel
+
+
 OperatorFn = Callable[[TensorInputs, Params, "torch.Tensor | None"], torch.Tensor]
 PrepareFn = Callable[[TensorInputs, Params, TensorStream], dict[str, Any]]
 
@@ -199,6 +225,7 @@ class OperatorSpec:
     doc: str
     blockwise: bool | Callable[[Params], bool] = False
     prepare: PrepareFn | None = None
+    memory: MemoryCost = MemoryCost()
 
     def merges_blockwise(self, params: Params) -> bool:
         """Whether a call with ``params`` may run block by block."""
@@ -259,12 +286,13 @@ def register_operator(
     stochastic: bool = False,
     blockwise: bool | Callable[[Params], bool] = False,
     prepare: PrepareFn | None = None,
+    memory: MemoryCost | None = None,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Register ``fn`` as the merge operator ``name`` (the decorator form of the registry).
 
     ``blockwise``: ``fn`` may be called block by block (see the module docstring), always or for
     the parameters a predicate accepts; ``prepare`` then computes the whole-tensor statistics
-    those calls need.
+    those calls need. ``memory``: what a call holds beyond its inputs and output (``MemoryCost``).
     """
     if prepare is not None and not blockwise:
         raise ValueError(f"merge operator '{name}': a prepare hook only serves blockwise operators")
@@ -284,6 +312,7 @@ def register_operator(
             doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
             blockwise=blockwise,
             prepare=prepare,
+            memory=memory or MemoryCost(),
         )
         return fn
 

@@ -23,15 +23,23 @@ give exactly the whole-tensor result.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.chunking import Scratch, finish, flat, for_chunks, output_for, split
+from evomerge.merge.chunking import Scratch, chunk_size, finish, flat, for_chunks, output_for, split
 from evomerge.merge.consensus import combine
 from evomerge.merge.fused import fused_merge
-from evomerge.merge.registry import ParamDef, Params, TensorInputs, TensorStream, register_operator
+from evomerge.merge.registry import (
+    MemoryCost,
+    ParamDef,
+    Params,
+    TensorInputs,
+    TensorStream,
+    register_operator,
+)
 from evomerge.merge.sparsify import (
     KeepAll,
     KeepBernoulli,
@@ -53,6 +61,8 @@ from evomerge.merge.sparsify import (
 )
 
 SPARSIFY_METHODS = ("none", "magnitude", "bernoulli", "breadcrumbs", "della")
+BLOCK_CHUNKS = 8
+"""Chunks per block of the streamed selection (as the export's blocks)."""
 
 
 @dataclass(frozen=True)
@@ -159,10 +169,18 @@ def _sparsifier(
     if inputs.cache is not None:
         sorted_abs, order = inputs.cached(f"sorted_abs{i}", lambda: sort_magnitudes(tau))
         window = window_from_sorted(sorted_abs, order, lo, hi)
-    else:
+    elif n <= BLOCK_CHUNKS * chunk_size(tau.device):  # small: selection on a copy costs less than histograms
         window = window_from_values(tau.abs(), lo, hi)
+    else:  # streamed selection: no copy of a large tensor (a memory plan may have left no room for one)
+        window = window_from_blocks(functools.partial(_blocks, tau), n, lo, hi)
     scale = l1_rescale(tau, window) if rescale and not window.keeps_all else 1.0
     return KeepWindow(window, scale)
+
+
+def _blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """A flat tensor as consecutive views of ``block_size`` entries (a ``TensorStream`` pass)."""
+    step = BLOCK_CHUNKS * chunk_size(x.device)
+    return ((start, x[start : start + step]) for start in range(0, x.numel(), step))
 
 
 def _window_ranks(method: TaskVectorMethod, values: dict, n: int, density: float) -> tuple[int, int]:
@@ -225,6 +243,13 @@ def _register(name: str, method: TaskVectorMethod, doc: str) -> None:
     operator.__name__ = name
     stochastic = method.sparsify in ("bernoulli", "della")
     blockwise = method.sparsify != "della"
+    # per source: the task vector (4 bytes/entry); sorted magnitudes and their order (8) for a
+    # magnitude window, random keys (4) for DARE, keys and ranks (8) for DELLA. Sorting scratch
+    # while a cache entry is built: |τ|, int64 indices, the sort's own buffers (measured ~20).
+    # Without a cache a magnitude window is found by streamed selection (no per-entry memory).
+    extra = {"none": (0, 0, 0), "magnitude": (8, 20, 0), "breadcrumbs": (8, 20, 0), "bernoulli": (4, 0, 4), "della": (8, 20, 8)}
+    cached, fill, uncached = extra[method.sparsify]
+    memory = MemoryCost(cache_per_source=4 + cached, fill=fill, work_per_source=4 + uncached, work=0)
     register_operator(
         name,
         shared=shared,
@@ -233,6 +258,7 @@ def _register(name: str, method: TaskVectorMethod, doc: str) -> None:
         stochastic=stochastic,
         blockwise=blockwise,
         prepare=prepare if blockwise else None,
+        memory=memory,
     )(operator)
 
 

@@ -1,7 +1,9 @@
 """The models of one merge: opened lazily, checked for compatibility before any work.
 
 Opening a pool reads only config.json files and safetensors headers; tensors are read one at a
-time when a merge asks for them. Every way in which two models cannot be merged (another family,
+time when a merge asks for them. A model is any reference ``evomerge.pool.sources`` resolves (a
+folder, a hub id in the local cache, a LoRA adapter on a model); a LoRA source reads as its base
+with the adapter's update applied tensor by tensor (``evomerge.pool.lora``). Every way in which two models cannot be merged (another family,
 another vocabulary, tied vs untied head, other tensors or shapes) is reported at open time with
 both model names and the first tensor that differs, instead of as a shape error mid-merge.
 """
@@ -9,6 +11,7 @@ both model names and the first tensor that differs, instead of as a shape error 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,35 +24,64 @@ from evomerge.errors import ConfigError, ModelError
 from evomerge.io.config import read_config
 from evomerge.io.safetensors_reader import TensorIndex
 from evomerge.pool.layer_map import LayerMap
+from evomerge.pool.lora import CONFIG_FILE as ADAPTER_CONFIG
+from evomerge.pool.lora import AdaptedTensors, LoraAdapter
+from evomerge.pool.sources import ResolvedSource, resolve_source
+
+TensorStore = TensorIndex | AdaptedTensors
+ModelRef = str | Path | ResolvedSource
 
 
 @dataclass
 class SourceModel:
-    """One local Hugging Face model folder: its config, lazy tensor index and layer map."""
+    """One model of a pool: where it came from, its config, lazy tensor store and layer map."""
 
     name: str
     path: Path
     config: dict[str, Any]
-    index: TensorIndex
+    index: TensorStore
     layer_map: LayerMap
     tied: bool
+    source: ResolvedSource
 
     @classmethod
-    def load(cls, name: str, path: str | Path, *, trust_remote_code: bool = False) -> SourceModel:
-        """Open the folder ``path`` as model ``name`` (headers only; no tensor is read)."""
-        path = Path(path).expanduser()
-        where = f"model {name!r} ({path})"
+    def load(cls, name: str, source: ModelRef, *, trust_remote_code: bool = False) -> SourceModel:
+        """Open ``source`` (a reference or a resolved one) as model ``name`` (headers only; no tensor is read)."""
+        if not isinstance(source, ResolvedSource):
+            source = resolve_source(str(source), where=f"model {name!r}", require_folder=False)
+        path = source.path
+        where = f"model {name!r} ({path if source.ref == str(path) else source.ref})"
         if not path.is_dir():
             raise ModelError(f"{where}: folder not found (expected a local Hugging Face model folder)")
+        if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+            raise ModelError(f"{where}: {_adapter_hint(path, source.model.ref)}")
         config = read_config(path)
         if config.get("auto_map") and not trust_remote_code:
             raise ModelError(
                 f"{where}: config.json auto_map needs custom code from the model folder; "
                 "set trust_remote_code: true only if you trust that code"
             )
-        index = TensorIndex.open(path)
+        index: TensorStore = TensorIndex.open(path)
+        if source.adapter is not None:
+            try:
+                adapter = LoraAdapter.open(source.adapter.path, where)
+                try:
+                    index = AdaptedTensors(index, adapter, where, base_id=source.model.repo_id)
+                except BaseException:
+                    adapter.close()
+                    raise
+            except BaseException:
+                index.close()
+                raise
         layer_map = LayerMap.build(config, index.names, where)
-        return cls(name, path, config, index, layer_map, layer_map.tied)
+        return cls(name, path, config, index, layer_map, layer_map.tied, source)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file the model is read from: config.json, weight shards, adapter config and weights."""
+        return (self.path / "config.json", *self.index.files) + (
+            (self.source.adapter.path / ADAPTER_CONFIG,) if self.source.adapter is not None else ()
+        )
 
     @property
     def model_type(self) -> str:
@@ -80,6 +112,16 @@ class SourceModel:
     def read_range(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Read flat entries of ``name`` (see ``stored_name``) from ``start`` into the flat buffer ``out``."""
         return self.index.get_range(self.stored_name(name), start, out)
+
+
+def _adapter_hint(path: Path, ref: str) -> str:
+    """What to write instead of a bare adapter folder: the adapter on its base."""
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    base = base if isinstance(base, str) and base else "<base model>"
+    return f"is a LoRA adapter, not a model; name the model it applies to: '{base}+{ref}' or {{model: {base}, lora: {ref}}}"
 
 
 def _check_compatible(ref: SourceModel, other: SourceModel) -> None:
@@ -131,9 +173,12 @@ class ModelPool:
 
     @classmethod
     def open(
-        cls, models: Mapping[str, Path | str], base: str | None = None, *, trust_remote_code: bool = False
+        cls, models: Mapping[str, ModelRef], base: str | None = None, *, trust_remote_code: bool = False
     ) -> ModelPool:
-        """Open every model of ``models`` (name -> folder) and check they can be merged with each other.
+        """Open every model of ``models`` (name -> reference) and check they can be merged with each other.
+
+        A reference is a folder, a pinned or unpinned hub id, ``model+adapter`` (see
+        ``evomerge.pool.sources``; relative paths against the current directory) or a ``ResolvedSource``.
 
         ``base``, if given, is one of the names; the output follows its layout, else the first source's.
         """
@@ -178,9 +223,25 @@ class ModelPool:
         ref = self._models[self.reference]
         return sum(math.prod(ref.index.shape(name)) for name in ref.stored_names())
 
+    def parameter_order(self) -> tuple[tuple[str, int], ...]:
+        """The canonical order: the reference's stored floating tensors, in layer-map order, with sizes.
+
+        Split-point crossovers cut this line; a tied head is its embedding and appears once.
+        """
+        ref = self._models[self.reference]
+        return tuple(
+            (name, math.prod(ref.index.shape(name)))
+            for name in ref.stored_names()
+            if ref.index.dtype(name).is_floating_point
+        )
+
     def path(self, model: str) -> Path:
-        """The folder of ``model``."""
+        """The folder of ``model``'s config and tokenizer (a LoRA source's: its base's)."""
         return self.model(model).path
+
+    def source(self, model: str) -> ResolvedSource:
+        """Where ``model`` came from (its pinned ``ref``, hub id and commit, adapter)."""
+        return self.model(model).source
 
     def shape(self, model: str, name: str) -> tuple[int, ...]:
         """The shape of tensor ``name`` in ``model`` (the same in every model of the pool)."""

@@ -1,23 +1,26 @@
 """Read mergekit merge configs as recipes, with mergekit's semantics.
 
 Users bring the configs they already have (``models``/``base_model``/``merge_method``/
-``parameters``, or a single ``slices`` entry spanning every layer). Operator names and parameter
+``parameters``, or a single ``slices`` entry spanning every layer; ``passthrough`` slices that
+stack layers of several models are read as a layer path). Operator names and parameter
 names are mergekit's, and each operator's defaults are mergekit's, so a config means the same here
-as there. What evomerge cannot express (layer stacking or reordering, tokenizer unions, LoRA
-references, per-module configs) is refused with a one-line error rather than approximated.
+as there. Models are named as mergekit names them: folders, hub ids ``org/name@revision`` and
+LoRA sources ``model+adapter``. What evomerge cannot express (layer stacking or reordering,
+tokenizer unions, per-module configs) is refused with a one-line error rather than approximated.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError, ModelError
+from evomerge.pool.sources import Reference, resolve_source, short_name
+from evomerge.recipe.path import Hop, LayerPath
 from evomerge.recipe.schema import ParamSetting, Recipe
-from evomerge.validation import validate
+from evomerge.validation import PathText, validate
 
 SUPPORTED_METHODS = (
     "linear",
@@ -40,13 +43,13 @@ _BASE_IS_INPUT = {"linear"}
 
 class _ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Reference
     parameters: dict[str, ParamSetting] | None = None
 
 
 class _SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Reference
     layer_range: tuple[int, int]
     parameters: dict[str, ParamSetting] | None = None
 
@@ -54,7 +57,7 @@ class _SliceSource(BaseModel):
 class _Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[_SliceSource]
-    base_model: str | None = None
+    base_model: PathText | None = None
     parameters: dict[str, ParamSetting] | None = None
 
 
@@ -66,11 +69,11 @@ class MergekitConfig(BaseModel):
     merge_method: str
     models: list[_ModelEntry] | None = None
     slices: list[_Slice] | None = None
-    base_model: str | None = None
+    base_model: Reference | None = None
     parameters: dict[str, ParamSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: PathText | None = None
     name: str | None = Field(default=None, description="ignored label")
 
 
@@ -79,23 +82,22 @@ def is_mergekit_config(data: dict[str, Any]) -> bool:
     return "merge_method" in data
 
 
-def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe:
-    """Translate a mergekit config into an equivalent recipe."""
+def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe | LayerPath:
+    """Translate a mergekit config into an equivalent recipe (a layer path for passthrough slices)."""
     for key in ("modules", "tokenizer", "chat_template"):
         if key in data:
             raise ConfigError(f"{source}: {key}: mergekit's '{key}' option is not supported by evomerge")
     config = validate(MergekitConfig, data, source)
+    if config.merge_method == "passthrough":
+        return _path_from_mergekit(config, source)
     if config.merge_method not in SUPPORTED_METHODS:
         raise ConfigError(
             f"{source}: merge_method: '{config.merge_method}' cannot be read from a mergekit config; "
-            f"supported: {', '.join(SUPPORTED_METHODS)}"
+            f"supported: {', '.join(SUPPORTED_METHODS)}, passthrough"
         )
     entries = _entries(config, source)
     if not entries:
         raise ConfigError(f"{source}: models: expected at least one model")
-    for ref, _ in entries:
-        if "+" in ref:
-            raise ConfigError(f"{source}: model '{ref}': LoRA references (model+lora) are not supported")
     refs = [ref for ref, _ in entries]
     if config.base_model is not None and config.base_model not in refs:
         refs.append(config.base_model)
@@ -131,6 +133,35 @@ def recipe_from_mergekit(data: dict[str, Any], source: str) -> Recipe:
     return validate(Recipe, recipe, source)
 
 
+def _path_from_mergekit(config: MergekitConfig, source: str) -> LayerPath:
+    """Passthrough slices as a layer path: every slice one model's layer range, stacked in order;
+    embeddings from the first slice's model, final norm and head from the last's (as mergekit does)."""
+    if config.models or not config.slices:
+        raise ConfigError(f"{source}: passthrough: expected 'slices' (each one model's layer_range)")
+    if config.base_model is not None or config.parameters:
+        raise ConfigError(f"{source}: passthrough: base_model and parameters (scale) are not supported")
+    refs: list[str] = []
+    for i, piece in enumerate(config.slices):
+        if len(piece.sources) != 1 or piece.parameters or piece.sources[0].parameters or piece.base_model:
+            raise ConfigError(f"{source}: slices[{i}]: a passthrough slice takes exactly one source without parameters")
+        if piece.sources[0].model not in refs:
+            refs.append(piece.sources[0].model)
+    names = _short_names(refs)
+    hops = []
+    for i, piece in enumerate(config.slices):
+        src = piece.sources[0]
+        start, stop = src.layer_range
+        if not 0 <= start < stop:
+            raise ConfigError(f"{source}: slices[{i}].sources[0].layer_range: expected [start, stop) with 0 <= start < stop")
+        hops += [Hop(model=names[src.model], layer=layer) for layer in range(start, stop)]
+    embeddings, head = names[config.slices[0].sources[0].model], names[config.slices[-1].sources[0].model]
+    if config.tokenizer_source not in (None, "base") and names.get(config.tokenizer_source) != embeddings:
+        raise ConfigError(f"{source}: tokenizer_source: a path uses the tokenizer of its first slice's model")
+    dtype = config.out_dtype or config.dtype
+    path = {"kind": "path", "models": {names[r]: r for r in refs}, "embeddings": embeddings, "head": head, "hops": hops, "dtype": dtype}
+    return validate(LayerPath, path, source)
+
+
 def _entries(config: MergekitConfig, source: str) -> list[tuple[str, dict[str, ParamSetting] | None]]:
     if config.models and config.slices:
         raise ConfigError(f"{source}: give either 'models' or 'slices', not both")
@@ -162,13 +193,19 @@ def _entries(config: MergekitConfig, source: str) -> list[tuple[str, dict[str, P
 
 
 def _num_layers(ref: str) -> int | None:
-    """The layer count in a local model folder's config.json, when it can be read."""
-    path = Path(ref) / "config.json"
+    """The layer count in the config.json of a model already on disk (a folder, a cached hub id), if any."""
+    try:
+        path = resolve_source(ref, require_folder=False, download=False).path / "config.json"
+    except EvomergeError:
+        return None
     if not path.is_file():
         return None
-    config = json.loads(path.read_text())
-    value = config.get("num_hidden_layers", config.get("n_layer"))
-    return int(value) if value is not None else None
+    try:
+        config = json.loads(path.read_bytes())
+        value = config.get("num_hidden_layers", config.get("n_layer"))
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        raise ModelError(f"{path}: not a model config (expected a JSON object with num_hidden_layers)") from None
 
 
 def _strip(params: dict[str, ParamSetting]) -> dict[str, ParamSetting]:
@@ -176,11 +213,11 @@ def _strip(params: dict[str, ParamSetting]) -> dict[str, ParamSetting]:
 
 
 def _short_names(refs: list[str]) -> dict[str, str]:
-    """Readable unique model names derived from the references' last path component."""
+    """Readable unique model names: the references' last path component (an adapter's, for a LoRA source)."""
     names: dict[str, str] = {}
     taken: set[str] = set()
     for ref in refs:
-        stem = PurePath(ref.rstrip("/")).name or "model"
+        stem = short_name(ref)
         name, n = stem, 2
         while name in taken:
             name, n = f"{stem}_{n}", n + 1

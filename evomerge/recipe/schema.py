@@ -1,7 +1,8 @@
 """The recipe: a plain, serializable description of one merged model.
 
-A recipe names its models (local Hugging Face folders), the base, a merge method with its
-parameters, and *rules* that override the method or parameters for some layers, module kinds or
+A recipe names its models (local folders, Hugging Face ids ``org/name@revision``, LoRA sources
+``model+adapter`` or ``{model: ..., lora: ...}``: see ``evomerge.pool.sources``), the base, a merge
+method with its parameters, and *rules* that override the method or parameters for some layers, module kinds or
 tensor names. A parameter value is
 
 - a scalar (``0.5``),
@@ -25,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -32,6 +34,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.pool.sources import Reference, resolve_models
+from evomerge.recipe.blend import Blend
+from evomerge.recipe.path import LayerPath
 from evomerge.validation import read_yaml, validate
 
 Scalar = Union[bool, int, float, str]
@@ -83,7 +88,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: dict[str, str] = Field(description="model name -> local Hugging Face folder")
+    models: dict[str, Reference] = Field(description="model name -> folder, org/name@revision or model+adapter")
     base: str | None = None
     sources: list[str] | None = Field(default=None, description="models merged; default: all but the base")
     method: str
@@ -131,16 +136,17 @@ class Recipe(BaseModel):
         """The model whose layout, config and tokenizer the output follows."""
         return self.base if self.base is not None else self.source_names[0]
 
-    def resolve_paths(self, root: Path) -> Recipe:
-        """A copy whose relative model paths are made absolute: against ``root`` (the recipe's folder)
-        when that folder exists there, else against the current directory (as mergekit does)."""
-        models = {}
-        for name, path in self.models.items():
-            candidate = Path(path)
-            if not candidate.is_absolute():
-                candidate = root / path if (root / path).exists() else Path.cwd() / path
-            models[name] = str(candidate.resolve())
-        return self.model_copy(update={"models": models})
+    @property
+    def tokenizer_source(self) -> str:
+        """The model whose tokenizer the merged model uses."""
+        return self.tokenizer or self.reference
+
+    def resolve_models(self, root: Path, source: str = "recipe") -> Recipe:
+        """A copy whose model references are pinned (``evomerge.pool.sources``): relative paths made
+        absolute against ``root`` (the recipe's folder) when that folder exists there, else against the
+        current directory (as mergekit does); hub ids fetched or found in the cache, at their commit."""
+        resolved = resolve_models(self.models, roots=[root, Path.cwd()], where=f"{source}: models", require_folder=False)
+        return self.model_copy(update={"models": {name: src.ref for name, src in resolved.items()}})
 
     def to_yaml(self) -> str:
         """The recipe as YAML, without defaulted fields."""
@@ -148,8 +154,22 @@ class Recipe(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load a recipe YAML (native, or a mergekit config); relative paths are relative to the file."""
+Blueprint = Union[Recipe, Blend, LayerPath]
+"""Any kind of recipe: a parameter recipe (method + rules), a blend of whole models, a layer path."""
+
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"recipe": Recipe, "blend": Blend, "path": LayerPath}
+
+
+def blueprint_kind(blueprint: Blueprint) -> str:
+    """The ``kind`` a blueprint is stored and materialized under."""
+    for kind, cls in RECIPE_KINDS.items():
+        if isinstance(blueprint, cls):
+            return kind
+    raise TypeError(f"not a blueprint: {type(blueprint).__name__}")
+
+
+def load_recipe(path: str | Path) -> Blueprint:
+    """Load a recipe YAML (any ``kind``, or a mergekit config); relative paths are relative to the file."""
     from evomerge.recipe.mergekit_config import is_mergekit_config, recipe_from_mergekit
 
     path = Path(path)
@@ -157,12 +177,21 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if is_mergekit_config(data):
-        recipe = recipe_from_mergekit(data, str(path))
+        recipe: Blueprint = recipe_from_mergekit(data, str(path))
     else:
-        recipe = validate(Recipe, data, str(path))
-    return recipe.resolve_paths(path.parent)
+        recipe = recipe_from_dict(data, str(path))
+    return recipe.resolve_models(path.parent, str(path))
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Validate a recipe given as a plain dict (e.g. decoded from a search genome)."""
-    return validate(Recipe, data, source)
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Blueprint:
+    """Validate a recipe of any kind given as a plain dict (``kind`` picks it; default: a parameter recipe)."""
+    kind = data.get("kind", "recipe")
+    if kind not in RECIPE_KINDS:
+        raise ConfigError(f"{source}: kind: unknown recipe kind {kind!r}; known: {', '.join(RECIPE_KINDS)}")
+    body = {k: v for k, v in data.items() if k != "kind"} if kind == "recipe" else data
+    return validate(RECIPE_KINDS[kind], body, source)  # type: ignore[return-value]
+
+
+def recipe_hash(recipe_json: str) -> str:
+    """The fitness-cache key of a recipe of any kind: a digest of its JSON (what the run store keeps)."""
+    return hashlib.blake2b(recipe_json.encode(), digest_size=16).hexdigest()

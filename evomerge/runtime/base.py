@@ -11,20 +11,29 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import Blueprint
+from evomerge.runtime.registry import ExecutorSettings
+
+if TYPE_CHECKING:
+    from evomerge.runtime.worker import WorkerSpec
 
 Split = Literal["validation", "test"]
 
 
 @dataclass(frozen=True)
 class Job:
-    """Materialize ``recipe`` and score it with the fitness of ``split``."""
+    """Materialize ``recipe`` (a blueprint of any kind) and score it with the fitness of ``split``.
+
+    ``bar`` (a ``fitness.racing.Bar``, plain data) is what the candidate must be able to reach: a
+    racing fitness stops scoring it once it cannot.
+    """
 
     key: int | str
-    recipe: Recipe
+    recipe: Blueprint
     split: Split = "validation"
+    bar: Any | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,25 @@ class Outcome:
 
 
 class Executor(ABC):
-    """Runs jobs on workers that keep the model pool resident; completion is asynchronous."""
+    """Runs jobs on workers that keep the model pool resident; completion is asynchronous.
+
+    Registered by name with ``register_executor``; ``Settings`` is the pydantic model of its
+    ``executor:`` block (extending ``ExecutorSettings``).
+    """
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[ExecutorSettings]] = ExecutorSettings
+
+    @classmethod
+    @abstractmethod
+    def start(cls, spec: WorkerSpec, settings: ExecutorSettings) -> Executor:
+        """Start the workers (each built from ``spec``); a failure to start is a one-line ``ConfigError``."""
+
+    @classmethod
+    def workers_here(cls, settings: ExecutorSettings) -> bool:
+        """Whether the workers run on this machine, so that its memory is theirs (the driver's memory
+        plan then checks it before starting; remote workers check their own at start-up)."""
+        return True
 
     @property
     @abstractmethod

@@ -13,9 +13,11 @@ from collections import deque
 from typing import Any
 
 from evomerge.runtime.base import Executor, Job, Outcome, Split
+from evomerge.runtime.registry import ExecutorSettings, register_executor
 from evomerge.runtime.worker import Worker, WorkerSpec
 
 
+@register_executor("local")
 class LocalExecutor(Executor):
     """In-process execution on one ``Worker``."""
 
@@ -26,7 +28,7 @@ class LocalExecutor(Executor):
         self._failures = 0
 
     @classmethod
-    def start(cls, spec: WorkerSpec) -> LocalExecutor:
+    def start(cls, spec: WorkerSpec, settings: ExecutorSettings | None = None) -> LocalExecutor:
         return cls(Worker.start(spec, name=f"local/{spec.device}"))
 
     @property

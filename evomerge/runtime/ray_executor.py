@@ -18,9 +18,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import Field
+
 from evomerge.errors import ConfigError
 from evomerge.runtime.base import Executor, Job, Outcome, Split
+from evomerge.runtime.registry import ExecutorSettings, register_executor
 from evomerge.runtime.worker import Worker, WorkerSpec
+
+
+class RaySettings(ExecutorSettings):
+    """``executor: {kind: ray, ...}``: the shared settings plus where the cluster is and how to use it."""
+
+    kind: str = "ray"
+    address: str | None = Field(default=None, description="'auto', 'ray://host:10001' or host:port; null = a local instance")
+    workers: int | None = Field(default=None, ge=1, description="worker actors; null = one per GPU (or per CPU slot)")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local instance (null = all)")
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs of a local instance (null = all)")
+    worker_cpus: float = Field(default=1.0, gt=0, description="CPUs each worker actor reserves")
+    worker_gpus: float | None = Field(default=None, ge=0, description="GPUs per worker; null = 1 for a cuda device, else 0")
+    max_retries: int = Field(default=2, ge=0, description="re-runs of a candidate whose worker died")
 
 
 class RayWorkerActor:
@@ -67,8 +83,15 @@ class _Flight:
     attempt: int
 
 
+@register_executor("ray")
 class RayExecutor(Executor):
-    """Steady-state dispatch of jobs to resident worker actors (see the module docstring)."""
+    """Steady-state dispatch of jobs to resident worker actors (see the module docstring).
+
+    On GPUs each actor reserves ``worker_gpus`` (1 by default for a cuda device), so Ray gives it a
+    GPU of its own (``CUDA_VISIBLE_DEVICES``): one actor per GPU, no device or CUDA stream shared.
+    """
+
+    Settings = RaySettings
 
     def __init__(self, spec: WorkerSpec, *, workers: int, worker_cpus: float, worker_gpus: float,
                  max_retries: int, started_ray: bool) -> None:
@@ -87,7 +110,7 @@ class RayExecutor(Executor):
         self._flights: dict[Any, _Flight] = {}
 
     @classmethod
-    def start(cls, spec: WorkerSpec, config: Any) -> RayExecutor:
+    def start(cls, spec: WorkerSpec, config: RaySettings) -> RayExecutor:  # type: ignore[override]
         """Join ``config.address`` (or start a local instance with ``num_cpus``/``num_gpus``) and start the actors."""
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes a token under the home folder
         import ray
@@ -124,6 +147,11 @@ class RayExecutor(Executor):
             if isinstance(cause, ConfigError):
                 raise cause from None
             raise ConfigError(f"executor: a Ray worker failed to start: {str(cause).strip().splitlines()[-1]}") from None
+
+    @classmethod
+    def workers_here(cls, settings: ExecutorSettings) -> bool:
+        """A local instance's actors run here; a cluster's may run on any node."""
+        return getattr(settings, "address", None) is None
 
     def _spawn(self, name: str) -> ActorSlot:
         return ActorSlot(name, self._actor_class.remote(self.spec, name))

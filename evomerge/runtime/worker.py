@@ -1,30 +1,37 @@
 """A worker: the model pool resident next to one live model, and the fitness built once.
 
-``Worker.start(spec)`` pays every set-up cost once (open the pool, load the skeleton, read the
-tokenizer, build the fitness, i.e. load lm-eval's tasks); ``run(job)`` then costs only the in-place
-merge and the evaluation. A failure inside a job (an exception while merging or scoring) becomes a
+``Worker.start(spec)`` pays every set-up cost once (open the pool, build the materializer of the
+blueprint kind the run produces, read the tokenizer, build the fitness, i.e. load lm-eval's tasks);
+``run(job)`` then costs only materializing the blueprint (a merge in place, a path assembled from
+resident layers: whichever materializer its kind has, see ``evomerge.materialize.registry``) and
+the evaluation. A failure inside a job (an exception while merging or scoring) becomes a
 failed ``Outcome`` with the error text, so one bad candidate never stops a search. The spec is
 plain data so that a remote executor can ship it to each of its workers.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.experiment import CallableFitnessConfig, FitnessConfig
+from evomerge.fitness.kinds import FitnessConfig, build_fitness
+from evomerge.fitness.workload import Workload
 from evomerge.runtime.base import Job, Outcome, Split
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs, as plain picklable data."""
+    """Everything a worker needs, as plain picklable data.
+
+    ``blueprint``: the kind the run's space produces (its materializer is built at start).
+    ``placement`` (or 'auto') and ``cache_memory`` (bytes, None: what the device has left) are
+    settled by the worker's own memory plan at start-up; ``recipe`` (a recipe of the search space,
+    as data; None for blends and paths) and ``workloads`` (what its fitness asks of memory,
+    measured by the driver) are what that plan needs to know about the search.
+    """
 
     models: Mapping[str, str]
     base: str | None
@@ -34,76 +41,66 @@ class WorkerSpec:
     dtype: str = "float32"
     threads: int | None = None
     source: str = "experiment"
-
-
-def build_fitness(config: FitnessConfig, where: str = "fitness") -> Any:
-    """The ``Fitness`` a config describes: lm-eval tasks, or a Python callable (``where`` prefixes errors)."""
-    from evomerge.fitness import CallableFitness, LmEvalFitness
-
-    if isinstance(config, CallableFitnessConfig):
-        fn, name = load_callable(config.python, f"{where}.python")
-        return CallableFitness(fn, weights=config.weights, directions=config.directions, name=name)
-    return LmEvalFitness(config)
-
-
-def load_callable(reference: str, where: str = "fitness.python") -> tuple[Callable[..., Any], str]:
-    """Import ``module:function`` or ``/path/file.py:function``; returns it and a path-free name."""
-    module_name, function = reference.rsplit(":", 1)
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ConfigError(f"{where}: file not found: {path}")
-        spec = importlib.util.spec_from_file_location(f"evomerge_fitness_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except Exception as err:
-            raise ConfigError(f"{where}: importing {path} failed: {_one_line(err)}") from None
-        name = f"{path.name}:{function}"
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(f"{where}: cannot import module '{module_name}' ({err})") from None
-        name = reference
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise ConfigError(f"{where}: '{function}' is not a function of {module_name}")
-    return fn, name
+    blueprint: str = "recipe"
+    placement: str = "auto"
+    cache_memory: int | None = None
+    recipe: Mapping[str, Any] | None = None
+    workloads: tuple[Workload, ...] = ()
 
 
 class Worker:
     """One resident model pool + live model + fitness; runs jobs one after another."""
 
-    def __init__(self, name: str, spec: WorkerSpec, merger: Any, tokenizer: Any, fitness: Any) -> None:
+    def __init__(self, name: str, spec: WorkerSpec, materializers: Any, fitness: Any, plan: Any = None) -> None:
         self.name = name
         self.spec = spec
-        self.merger = merger
-        self.tokenizer = tokenizer
+        self.materializers = materializers
+        self._tokenizers: dict[str, Any] = {}
         self._fitness: dict[str, Any] = {"validation": fitness}
+        self.plan = plan
+        """The worker's memory plan (``evomerge.plan.WorkerPlan``), when it made one."""
 
     @classmethod
     def start(cls, spec: WorkerSpec, name: str = "local") -> Worker:
-        """Open the pool, load the live model and tokenizer, build the validation fitness."""
+        """Open the pool, plan its memory on this worker's device (refusing, in one line, a pool
+        that does not fit), build the materializer of ``spec.blueprint`` with the plan's placement,
+        the tokenizer and the validation fitness."""
         import torch
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from evomerge.materialize import ResidentMerger
+        from evomerge.devices import usable_device
+        from evomerge.materialize import Materializers
+        from evomerge.plan import check_plan, plan_for_spec
         from evomerge.pool import ModelPool
 
+        usable_device(spec.device, f"{spec.source}: executor.device")
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         hf_logging.disable_progress_bar()  # a worker loads its model once; the bar is noise in a run's output
         pool = ModelPool.open(dict(spec.models), spec.base)
         try:
-            merger = ResidentMerger.load(pool, device=spec.device, dtype=getattr(torch, spec.dtype))
-            tokenizer = AutoTokenizer.from_pretrained(pool.path(pool.reference))
+            plan = plan_for_spec(spec, pool)
+            check_plan(plan, spec.source)
+            materializers = Materializers(
+                pool, device=spec.device, dtype=getattr(torch, spec.dtype),
+                placement=plan.placement, cache_bytes=plan.cache_budget,
+            )
+            materializers.prepare(spec.blueprint)
             fitness = build_fitness(spec.fitness, f"{spec.source}: fitness")
+            worker = cls(name, spec, materializers, fitness, plan)
+            worker.tokenizer(pool.reference)
         except BaseException:
             pool.close()
             raise
-        return cls(name, spec, merger, tokenizer, fitness)
+        return worker
+
+    def tokenizer(self, model: str) -> Any:
+        """The tokenizer of pool model ``model`` (read on first use)."""
+        if model not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[model] = AutoTokenizer.from_pretrained(self.materializers.pool.path(model))
+        return self._tokenizers[model]
 
     def fitness(self, split: Split) -> Any:
         """The fitness of ``split``; the held-out one is built on first use (it is needed at the end)."""
@@ -114,15 +111,19 @@ class Worker:
         return self._fitness[split]
 
     def run(self, job: Job) -> Outcome:
-        """Merge ``job.recipe`` into the live model and score it; exceptions become a failed outcome."""
+        """Materialize ``job.recipe`` (any blueprint kind) and score it; exceptions become a failed outcome."""
         started = time.time()
         start = time.perf_counter()
         timings: dict[str, float] = {}
         try:
-            self.merger.apply(job.recipe)
+            model = self.materializers.apply(job.recipe)
+            if self.materializers.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(self.materializers.device)  # the merge's time is its kernels', not their launch
             merged = time.perf_counter()
             timings["merge"] = merged - start
-            result = self.fitness(job.split).evaluate(self.merger.model, self.tokenizer)
+            result = self.fitness(job.split).evaluate(model, self.tokenizer(job.recipe.tokenizer_source), bar=job.bar)
             timings["evaluate"] = time.perf_counter() - merged
         except Exception as err:  # a candidate's failure, recorded with its error text
             timings["total"] = time.perf_counter() - start
@@ -132,7 +133,8 @@ class Worker:
         return Outcome(job.key, job.split, self.name, started, result, None, timings)
 
     def close(self) -> None:
-        self.merger.pool.close()
+        self.materializers.close()
+        self.materializers.pool.close()
 
 
 def _one_line(err: BaseException) -> str:

@@ -7,7 +7,8 @@ executor this is textbook CMA-ES. With an asynchronous one that asks ahead (more
 the generation has left), the extra proposals come from the current distribution and their
 results simply fill the next generation's tell, so no worker ever waits for a generation barrier;
 the price is that a few points of a generation were sampled from the previous distribution, a
-standard approximation in steady-state CMA-ES variants.
+standard approximation in steady-state CMA-ES variants. A reproducible run (``determined``) asks
+only within the current generation, so every generation is exactly the textbook one.
 
 High dimension: a full CMA ``tell`` costs an eigendecomposition of a d×d covariance (seconds at
 1,000 genes), so ``variant: auto`` switches to the separable (diagonal) ``SepCMA`` above
@@ -26,6 +27,7 @@ from pydantic import Field
 
 from evomerge.errors import ConfigError
 from evomerge.search.base import Strategy, StrategySettings
+from evomerge.search.layout import GenomeLayout
 from evomerge.search.registry import register_strategy
 from evomerge.search.serialize import random_state_from_dict, random_state_to_dict
 from evomerge.search.types import Evaluation, Proposal
@@ -50,14 +52,14 @@ class CMAES(Strategy):
         )
         sigma0: float = Field(0.2, gt=0.0, le=1.0, description="initial step size, as a fraction of each gene's range")
         popsize: int | None = Field(None, ge=2, description="population per generation; null = 4 + 3 ln(genes)")
-        x0: list[float] | None = Field(None, description="initial mean in gene coordinates; null = the box centre")
+        x0: list[float] | None = Field(None, description="initial mean in gene coordinates; null = the space's initial point")
         restarts: int = Field(0, ge=0, description="IPOP restarts allowed after convergence")
         popsize_factor: float = Field(2.0, gt=1.0, description="population growth per restart")
         resample: int = Field(0, ge=0, description="re-draws of an out-of-box sample before clipping it")
         failure_value: float | None = Field(None, allow_inf_nan=False, description="objective for a failed candidate")
 
-    def __init__(self, dimension: int, **kwargs: Any) -> None:
-        super().__init__(dimension, **kwargs)
+    def __init__(self, layout: GenomeLayout | int, **kwargs: Any) -> None:
+        super().__init__(layout, **kwargs)
         s = self.settings
         if self.n_objectives != 1:
             raise ConfigError(
@@ -68,7 +70,7 @@ class CMAES(Strategy):
         if self._separable and self.dimension < 2:
             raise ConfigError("strategy.settings.variant: 'sep' needs at least 2 genes; use 'full'")
         self._scale = self.bounds[:, 1] - self.bounds[:, 0]
-        mean = np.full(self.dimension, 0.5) if s.x0 is None else self._x0_unit(s.x0)
+        mean = np.clip(self.layout.initial, 0.0, 1.0) if s.x0 is None else self._x0_unit(s.x0)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._run = 0
         self._buffer: list[tuple[np.ndarray, float | None]] = []
@@ -102,6 +104,13 @@ class CMAES(Strategy):
             seed=int(self._rng.integers(2**31 - 1)),
             population_size=popsize,
         )
+
+    def determined(self) -> bool:
+        """The distribution changes once ``popsize`` results of this restart are told; until the
+        generation's results told and outstanding make ``popsize``, the next sample is the same
+        whichever of them are told first."""
+        counted = sum(1 for p in self._outstanding.values() if p.info["restart"] == self._run)
+        return len(self._buffer) + counted < self.popsize
 
     def _propose(self, ticket: int) -> Proposal:
         unit = self._opt.ask()

@@ -20,6 +20,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.search.base import Strategy
+from evomerge.search.layout import GenomeLayout
 from evomerge.validation import validate
 
 S = TypeVar("S", bound=type[Strategy])
@@ -51,17 +52,19 @@ def get_strategy(name: str, where: str = "strategy.name") -> type[Strategy]:
 
 def build_strategy(
     name: str,
-    dimension: int,
+    layout: GenomeLayout | int,
     *,
     n_objectives: int = 1,
     seed: int = 0,
     bounds: np.ndarray | None = None,
     settings: Mapping[str, Any] | None = None,
     source: str = "strategy",
+    budget: int | None = None,
 ) -> Strategy:
-    """Build the strategy ``name`` for a ``dimension``-gene space; ``source`` prefixes error messages."""
+    """Build the strategy ``name`` for a genome ``layout`` (or a plain box of that many genes);
+    ``budget``: the run's evaluations, when set; ``source`` prefixes error messages."""
     cls = get_strategy(name, f"{source}.name")
     if settings is not None and not isinstance(settings, Mapping):
         raise ConfigError(f"{source}.settings: expected a mapping, got {type(settings).__name__}")
     checked = validate(cls.Settings, dict(settings or {}), f"{source}.settings")
-    return cls(dimension, n_objectives=n_objectives, seed=seed, bounds=bounds, settings=checked)
+    return cls(layout, n_objectives=n_objectives, seed=seed, bounds=bounds, settings=checked, budget=budget)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import math
-import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,6 @@ import numpy as np
 _ARRAY = "__ndarray__"
 _SCALAR = "__npscalar__"
 _FLOAT = "__float__"
-_PICKLE = "__pickle__"
 
 
 def encode(value: Any) -> Any:
@@ -63,19 +61,6 @@ def decode(data: Any) -> Any:
     if _FLOAT in data:
         return float(data[_FLOAT])
     return {key: decode(item) for key, item in data.items()}
-
-
-def encode_pickle(obj: Any) -> dict[str, str]:
-    """An opaque object as base64 pickle; only for third-party state with no other exact export.
-
-    ``decode`` leaves it alone: unpickling is explicit (``decode_pickle``) so that reading a
-    checkpoint never runs pickle unless the strategy that wrote it asks for it.
-    """
-    return {_PICKLE: base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode()}
-
-
-def decode_pickle(data: Mapping[str, str]) -> Any:
-    return pickle.loads(base64.b64decode(data[_PICKLE]))
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:

@@ -41,14 +41,21 @@ class Evaluation:
     """The outcome of evaluating one proposal.
 
     ``objectives`` follow the maximize convention (the driver flips minimized metrics).
-    ``per_example`` holds per-example scores (e.g. an objectives × examples matrix), which natural
-    niches and Pareto analysis need. NaN or ±inf objectives count as a failure (``sanitized``).
+    ``per_example`` is one score per example (every task's examples concatenated, in objective
+    order) and ``example_ids`` names them (``task:doc_id``), the same ids for every candidate of a
+    run: natural niches shares fitness example by example. NaN or ±inf objectives count as a
+    failure (``sanitized``).
     """
 
     ticket: int
     objectives: np.ndarray
     failed: bool = False
     per_example: np.ndarray | None = None
+    example_ids: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.example_ids is not None and (self.per_example is None or len(self.example_ids) != np.size(self.per_example)):
+            raise ValueError(f"evaluation {self.ticket}: {len(self.example_ids)} example ids for {np.size(self.per_example)} scores")
 
     @classmethod
     def failure(cls, ticket: int, n_objectives: int) -> Evaluation:

@@ -5,7 +5,9 @@ Layers are cut into groups of ``layer_granularity`` blocks; each group and each 
 module kinds or a tensor-name substring) gets its own genes: ``model_genes`` once per source model
 (weight, density, …) and ``shared_genes`` once (λ, t, …). Tensors outside the blocks (embeddings,
 final norm, head) get their own "outside" set of genes, which also covers block tensors that no
-filter selects. With ``smooth: true`` a gene is instead ``anchors`` values per filter, interpolated
+filter selects. With ``filters: []`` there is no per-layer rule at all: one set of genes for every
+tensor, i.e. global coefficients (``search_spaces/task-arithmetic-global.yaml``, the few-gene space
+MAP's quadratics need). With ``smooth: true`` a gene is instead ``anchors`` values per filter, interpolated
 across all layers (a gradient), so the dimension no longer grows with depth.
 
 Example (``search_spaces/ties-per-layer.yaml``)::
@@ -23,6 +25,7 @@ Example (``search_spaces/ties-per-layer.yaml``)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal, Union
 
 import numpy as np
@@ -31,7 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.merge import get_operator
 from evomerge.recipe import Recipe, Rule
 from evomerge.recipe.schema import Scalar
+from evomerge.search.layout import Gene, GenomeLayout
 from evomerge.spaces.base import PoolInfo, SearchSpace, register_space
+from evomerge.spaces.references import find_references
 from evomerge.validation import validate
 
 Kind = Literal["attention", "mlp", "norm", "embedding", "head", "other"]
@@ -49,12 +54,14 @@ class GeneSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    low: float = 0.0
-    high: float = 1.0
+    low: float = Field(default=0.0, allow_inf_nan=False)
+    high: float = Field(default=1.0, allow_inf_nan=False)
     transform: Literal["none", "abs", "simplex"] = Field(
         default="none", description="simplex: normalise across source models to sum 1"
     )
-    init: float | None = Field(default=None, description="starting value; default the middle of [low, high]")
+    init: float | None = Field(
+        default=None, allow_inf_nan=False, description="starting value; default the middle of [low, high]"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> GeneSpec:
@@ -83,9 +90,11 @@ class ParameterSpaceSpec(BaseModel):
     kind: Literal["parameter"] = "parameter"
     method: str
     layer_granularity: int = Field(default=1, ge=0, description="blocks per group; 0 = one group for all blocks")
-    filters: list[Union[str, FilterSpec]] = Field(default_factory=lambda: ["all"])
+    filters: list[Union[str, FilterSpec]] = Field(
+        default_factory=lambda: ["all"], description="[] = no per-layer rules: global genes for every tensor"
+    )
     smooth: bool = False
-    anchors: int = Field(default=3, ge=2, description="smooth mode: anchor values per gene")
+    anchors: int = Field(default=3, ge=2, le=1024, description="smooth mode: anchor values per gene")
     model_genes: dict[str, GeneSpec] = Field(default_factory=dict)
     shared_genes: dict[str, GeneSpec] = Field(default_factory=dict)
     fixed: dict[str, Scalar] = Field(default_factory=dict)
@@ -114,9 +123,10 @@ class ParameterSpaceSpec(BaseModel):
 class _Block:
     """Where a run of genes goes in the recipe: a rule selector (None: the top level)."""
 
-    def __init__(self, label: str, selector: dict[str, Any] | None):
+    def __init__(self, label: str, selector: dict[str, Any] | None, filter: str | None = None):
         self.label = label
         self.selector = selector
+        self.filter = filter
 
 
 class ParameterSpace(SearchSpace):
@@ -140,23 +150,36 @@ class ParameterSpace(SearchSpace):
         self._abs: list[int] = []
         self._simplex: list[list[int]] = []
         self._slots: list[tuple[int, str, str | None, int | None]] = []  # (block, gene, model, anchor)
+        self._genes: list[Gene] = []
         self._build_layout()
         self._low_arr, self._span = np.array(self._low), np.array(self._high) - np.array(self._low)
+        self._layout = GenomeLayout(tuple(self._genes), np.array(self._init))
+        self._layout = replace(self._layout, references=tuple(find_references(self, self._genes)))
 
     @property
-    def gene_names(self) -> list[str]:
-        return list(self._names)
+    def layout(self) -> GenomeLayout:
+        return self._layout
 
-    def initial_genome(self) -> np.ndarray:
-        return np.array(self._init)
-
-    def decode(self, genome: np.ndarray) -> Recipe:
-        x = self.check_genome(genome)
-        values = self._low_arr + x * self._span
+    def gene_values(self, genome: np.ndarray) -> np.ndarray:
+        """The parameter values a unit-box genome stands for (after bounds and transforms)."""
+        values = self._low_arr + self.check_genome(genome) * self._span
         values[self._abs] = np.abs(values[self._abs])
         for group in self._simplex:
             total = values[group].sum()
             values[group] = values[group] / total if total > 0 else 1.0 / len(group)
+        return values
+
+    def value_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's (low, high) in parameter units."""
+        return self._low_arr.copy(), self._low_arr + self._span
+
+    def unit_genome(self, values: np.ndarray) -> np.ndarray | None:
+        """The unit-box genome of raw gene values (before transforms), or None outside the bounds."""
+        genome = (np.asarray(values, dtype=np.float64) - self._low_arr) / self._span
+        return genome if np.all((genome >= 0.0) & (genome <= 1.0)) else None
+
+    def decode(self, genome: np.ndarray) -> Recipe:
+        values = self.gene_values(genome)
         shared: list[dict[str, Any]] = [dict() for _ in self._blocks]
         per_model: list[dict[str, dict[str, Any]]] = [{m: {} for m in self.sources} for _ in self._blocks]
         for value, (block, gene, model, anchor) in zip(values.tolist(), self._slots):
@@ -190,7 +213,7 @@ class ParameterSpace(SearchSpace):
         )
 
     def _layout_blocks(self) -> list[_Block]:
-        blocks = [_Block("outside", None)]
+        blocks = [_Block("outside" if self.spec.filters else "global", None)]
         filters = [(f, BUILTIN_FILTERS[f], None) if isinstance(f, str) else (f.name, f.kinds, f.names) for f in self.spec.filters]
         if self.spec.smooth:
             groups = [("all", "all")]
@@ -208,7 +231,7 @@ class ParameterSpace(SearchSpace):
                     selector["kinds"] = kinds
                 if names is not None:
                     selector["names"] = names
-                blocks.append(_Block(f"{label}/{name}" if label != "all" else name, selector))
+                blocks.append(_Block(f"{label}/{name}" if label != "all" else name, selector, name))
         return blocks
 
     def _build_layout(self) -> None:
@@ -235,6 +258,9 @@ class ParameterSpace(SearchSpace):
         if gene.transform == "abs":
             self._abs.append(len(self._names) - 1)
         self._slots.append(slot)
+        block = self._blocks[slot[0]]
+        layers = None if block.selector is None else tuple(block.selector["layers"])
+        self._genes.append(Gene(name, parameter=slot[1], model=slot[2], layers=layers, filter=block.filter))
 
 
 @register_space("parameter")

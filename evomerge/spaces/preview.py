@@ -10,12 +10,11 @@ from evomerge.spaces.base import PoolInfo, SearchSpace, build_space
 
 
 def experiment_space(experiment: Experiment) -> SearchSpace:
-    """The experiment's space over its pool (the pool is opened only to count the layers)."""
+    """The experiment's space over its pool (the pool is opened for its headers: layers and tensors)."""
     from evomerge.pool import ModelPool
 
     with ModelPool.open(experiment.models, experiment.base) as pool:
-        num_layers = pool.layer_map.num_layers
-    pool_info = PoolInfo(experiment.models, experiment.base, num_layers)
+        pool_info = PoolInfo(experiment.models, experiment.base, pool.layer_map.num_layers, pool.parameter_order())
     return build_space(experiment.search_space, pool_info, f"{experiment.source}: search_space")
 
 

@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.fitness.racing import Estimate
 from evomerge.search.types import Evaluation, Proposal
+from evomerge.store.durability import WalSyncer
 from evomerge.store.errors import StoreError
+from evomerge.store.files import fsync_directory
 from evomerge.store.lock import RunLock
 from evomerge.store.schema import connect
 
@@ -49,7 +52,11 @@ class CandidateRecord:
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """A stored evaluation with its provenance (split, fitness spec, worker, timings, error)."""
+    """A stored evaluation with its provenance (split, fitness spec, worker, timings, error).
+
+    ``estimate`` is set for a result racing stopped early (how many of how many examples it rests
+    on): its objectives are estimates, so it is never the best, never on a front, never a cache hit.
+    """
 
     evaluation: Evaluation
     seq: int
@@ -62,6 +69,7 @@ class ResultRecord:
     finished: float
     timings: dict[str, float]
     error: str | None
+    estimate: Estimate | None = None
 
     @property
     def ticket(self) -> int:
@@ -70,6 +78,11 @@ class ResultRecord:
     @property
     def ok(self) -> bool:
         return not self.evaluation.failed
+
+    @property
+    def complete(self) -> bool:
+        """Successful and scored on every example (not a racing estimate)."""
+        return self.ok and self.estimate is None
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,10 @@ _RESULT_COLUMNS = """
     seq, ticket, split, status, objectives, per_example, fitness_hash, recipe_hash, cached_from,
     worker, started, finished, timings, error
 """
+_RESULT_SELECT = _RESULT_COLUMNS + """,
+    (SELECT e.examples FROM estimates e WHERE e.seq = results.seq),
+    (SELECT e.total FROM estimates e WHERE e.seq = results.seq)
+"""
 
 
 class RunStore:
@@ -108,6 +125,8 @@ class RunStore:
         self._lock = lock
         self._keep = keep_checkpoints
         self._seq = self._max_seq()
+        self._ids: dict[str | None, tuple[str, ...]] = {}
+        self._syncer: WalSyncer | None = None if lock is None else WalSyncer(path.with_name(path.name + "-wal"))
 
     @classmethod
     def create(
@@ -125,6 +144,7 @@ class RunStore:
             conn = connect(path, mode="rwc")
             created = json.dumps(time.time())
             conn.execute("INSERT INTO meta VALUES ('metadata', ?), ('created', ?)", (_dumps(metadata or {}), created))
+            fsync_directory(run_dir)  # SQLite syncs its file, not the folder entry naming it
         except BaseException:
             lock.release()
             raise
@@ -150,9 +170,18 @@ class RunStore:
         return cls(path, connect(path, mode="ro"), None, 0)
 
     def close(self) -> None:
-        self._conn.close()
-        if self._lock is not None:
-            self._lock.release()
+        try:
+            if self._syncer is not None:
+                self._syncer.close()
+        finally:
+            self._conn.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def sync(self) -> None:
+        """Wait until every write so far is on disk (results are flushed in the background anyway)."""
+        if self._syncer is not None:
+            self._syncer.sync()
 
     def __enter__(self) -> RunStore:
         return self
@@ -173,6 +202,12 @@ class RunStore:
     def metadata(self) -> dict[str, Any]:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'metadata'").fetchone()
         return json.loads(row[0])
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The run's closing summary (``save_summary``), or None while the run is not done."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'summary'").fetchone()
+        return None if row is None else json.loads(row[0])
 
     # -- writes (each one a committed transaction) ------------------------------------------
 
@@ -226,16 +261,22 @@ class RunStore:
         timings: Mapping[str, float] | None = None,
         error: str | None = None,
         cached_from: int | None = None,
+        estimate: Estimate | None = None,
     ) -> int:
         """Record an evaluation durably (before the strategy is told); returns its sequence number.
 
         Non-finite objectives are recorded as a failure, as the strategy will treat them.
+        ``estimate``: racing stopped this evaluation early (recorded with it, in one transaction).
         """
-        self._writable()
+        syncer = self._writable()
         if split not in SPLITS:
             raise ValueError(f"add_result: split must be one of {SPLITS}, got {split!r}")
         evaluation = evaluation.sanitized()
+        if evaluation.example_ids is not None:
+            self._record_example_ids(fitness_hash, evaluation.example_ids)
         seq = self._seq + 1
+        if estimate is not None and not evaluation.failed:
+            self._conn.execute("BEGIN IMMEDIATE")
         try:
             cursor = self._conn.execute(
                 f"INSERT INTO results ({_RESULT_COLUMNS}) "
@@ -256,14 +297,47 @@ class RunStore:
                     evaluation.ticket,
                 ),
             )
+            if cursor.rowcount == 1 and self._conn.in_transaction:
+                self._conn.execute(
+                    "INSERT INTO estimates (seq, examples, total) VALUES (?, ?, ?)", (seq, estimate.examples, estimate.total)
+                )
+                self._conn.execute("COMMIT")
         except sqlite3.IntegrityError:
+            self._rollback()
             raise ValueError(
                 f"add_result: ticket {evaluation.ticket} already has a {split} result (results are append-only)"
             ) from None
+        except BaseException:
+            self._rollback()
+            raise
         if cursor.rowcount != 1:
+            self._rollback()
             raise ValueError(f"add_result: unknown ticket {evaluation.ticket}")
         self._seq = seq
+        syncer.request()
         return seq
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    def _record_example_ids(self, fitness_hash: str | None, ids: tuple[str, ...]) -> None:
+        """Store a fitness's example ids once (in ``meta``); every result of that fitness shares them."""
+        known = self.example_ids(fitness_hash)
+        if known is None:
+            self._conn.execute("INSERT INTO meta VALUES (?, ?)", (_ids_key(fitness_hash), json.dumps(list(ids))))
+            self._ids[fitness_hash] = tuple(ids)
+        elif known != tuple(ids):
+            raise ValueError(f"add_result: the example ids differ from those recorded for fitness {fitness_hash}")
+
+    def example_ids(self, fitness_hash: str | None) -> tuple[str, ...] | None:
+        """The ids of the per-example scores of results under ``fitness_hash`` (None if never recorded)."""
+        if fitness_hash not in self._ids:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (_ids_key(fitness_hash),)).fetchone()
+            if row is None:
+                return None
+            self._ids[fitness_hash] = tuple(json.loads(row[0]))
+        return self._ids[fitness_hash]
 
     def save_checkpoint(self, state: Mapping[str, Any], seq: int | None = None) -> int:
         """Record a strategy state that includes every event up to ``seq`` (default: the last one).
@@ -271,7 +345,7 @@ class RunStore:
         Older checkpoints beyond ``keep_checkpoints`` are deleted in the same transaction: they are
         superseded snapshots, and a full-covariance state can weigh megabytes.
         """
-        self._writable()
+        syncer = self._writable()
         seq = self._seq if seq is None else seq
         text = json.dumps(state, allow_nan=False, separators=(",", ":"))
         self._conn.execute("BEGIN IMMEDIATE")
@@ -287,7 +361,18 @@ class RunStore:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+        syncer.request()
         return int(cursor.lastrowid)
+
+    def save_summary(self, summary: Mapping[str, Any]) -> None:
+        """Record the run's closing summary once: from then on the run is done (``summary.json``
+        is its copy for people and tools, rebuilt from here if it is lost or damaged)."""
+        syncer = self._writable()
+        try:
+            self._conn.execute("INSERT INTO meta VALUES ('summary', ?)", (_dumps(summary),))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"save_summary: {self.path} already holds a summary") from None
+        syncer.sync()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -316,9 +401,9 @@ class RunStore:
     def results_since(self, seq: int, split: str = "validation") -> list[ResultRecord]:
         """Results of ``split`` recorded after event ``seq``, in order."""
         rows = self._conn.execute(
-            f"SELECT {_RESULT_COLUMNS} FROM results WHERE seq > ? AND split = ? ORDER BY seq", (seq, split)
+            f"SELECT {_RESULT_SELECT} FROM results WHERE seq > ? AND split = ? ORDER BY seq", (seq, split)
         )
-        return [_result(row) for row in rows]
+        return [self._result(row) for row in rows]
 
     def events_since(self, seq: int) -> list[Proposal | Evaluation]:
         """Asks and validation results after event ``seq``, interleaved in their original order.
@@ -331,13 +416,13 @@ class RunStore:
                 "SELECT seq, ticket, genome, parents, info FROM candidates WHERE seq > ? ORDER BY seq", (seq,)
             ).fetchall()
             tells = self._conn.execute(
-                "SELECT seq, ticket, status, objectives, per_example FROM results "
+                "SELECT seq, ticket, status, objectives, per_example, fitness_hash FROM results "
                 "WHERE seq > ? AND split = 'validation' ORDER BY seq",
                 (seq,),
             ).fetchall()
         merged = heapq.merge(
             ((row[0], _proposal(row[1], row[2], row[3], row[4])) for row in asks),
-            ((row[0], _evaluation(row[1], row[2], row[3], row[4])) for row in tells),
+            ((row[0], _evaluation(row[1], row[2], row[3], row[4], self._ids_for(row[4], row[5]))) for row in tells),
             key=lambda item: item[0],
         )
         return [event for _, event in merged]
@@ -347,13 +432,10 @@ class RunStore:
         return None if row is None else Checkpoint(row[0], row[1], json.loads(row[2]), row[3])
 
     def best(self, objective: int = 0, split: str = "validation") -> ResultRecord | None:
-        """The successful result with the highest value of objective ``objective`` (earliest on ties)."""
-        best: ResultRecord | None = None
-        for record in self.results(split):
-            value = record.evaluation.objectives[objective] if record.ok else None
-            if value is not None and (best is None or value > best.evaluation.objectives[objective]):
-                best = record
-        return best
+        """The complete result with the highest value of objective ``objective`` (the lowest ticket on
+        ties, whatever order the results arrived in); a racing estimate never is."""
+        ranked = [(r.evaluation.objectives[objective], -r.ticket, r) for r in self.results(split) if r.ok and r.complete]
+        return max(ranked, key=lambda item: item[:2])[2] if ranked else None
 
     def count(self, status: str | None = None) -> int:
         """How many candidates there are (with ``status``: pending, running, ok or failed)."""
@@ -377,20 +459,37 @@ class RunStore:
         ok, failed = done.get("ok", 0), done.get("failed", 0)
         return {"pending": total - ok - failed - running, "running": running, "ok": ok, "failed": failed}
 
+    def worker_totals(self) -> dict[str, tuple[int, int]]:
+        """Per worker that evaluated candidates: (validation results, failures), by first result."""
+        rows = self._conn.execute(
+            "SELECT worker, COUNT(*), SUM(status = 'failed') FROM results WHERE worker IS NOT NULL "
+            "AND split = 'validation' GROUP BY worker ORDER BY MIN(seq)"
+        )
+        return {worker: (int(n), int(failed)) for worker, n, failed in rows}
+
     def lookup_cache(self, recipe_hash: str, fitness_hash: str, split: str = "validation") -> ResultRecord | None:
-        """The first successful result for this (recipe, fitness spec), if any; failures are not cached."""
+        """The first complete result for this (recipe, fitness spec), if any; failures (they may be
+        transient) and racing estimates (they depend on the incumbent of their time) are not cached."""
         row = self._conn.execute(
-            f"SELECT {_RESULT_COLUMNS} FROM results WHERE recipe_hash = ? AND fitness_hash = ? AND split = ? "
-            "AND status = 'ok' ORDER BY seq LIMIT 1",
+            f"SELECT {_RESULT_SELECT} FROM results WHERE recipe_hash = ? AND fitness_hash = ? AND split = ? "
+            "AND status = 'ok' AND seq NOT IN (SELECT seq FROM estimates) ORDER BY seq LIMIT 1",
             (recipe_hash, fitness_hash, split),
         ).fetchone()
-        return None if row is None else _result(row)
+        return None if row is None else self._result(row)
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- internals
 
-    def _writable(self) -> None:
-        if self._lock is None:
+    def _ids_for(self, per_example: bytes | None, fitness_hash: str | None) -> tuple[str, ...] | None:
+        return None if per_example is None else self.example_ids(fitness_hash)
+
+    def _result(self, row: tuple[Any, ...]) -> ResultRecord:
+        return _result(row, self._ids_for(row[5], row[6]))
+
+    def _writable(self) -> WalSyncer:
+        """The writer's syncer; a read-only store refuses writes."""
+        if self._syncer is None:
             raise StoreError(f"{self.path}: opened read-only")
+        return self._syncer
 
     def _max_seq(self) -> int:
         row = self._conn.execute(
@@ -445,8 +544,14 @@ def _proposal(ticket: int, genome: bytes | None, parents: str, info: str) -> Pro
     return Proposal(ticket, None if genome is None else _f64(genome), tuple(json.loads(parents)), json.loads(info))
 
 
-def _evaluation(ticket: int, status: str, objectives: bytes | None, per_example: bytes | None) -> Evaluation:
-    return Evaluation(ticket, _f64(objectives), failed=status == "failed", per_example=_npy(per_example))
+def _evaluation(
+    ticket: int, status: str, objectives: bytes | None, per_example: bytes | None, ids: tuple[str, ...] | None = None
+) -> Evaluation:
+    return Evaluation(ticket, _f64(objectives), failed=status == "failed", per_example=_npy(per_example), example_ids=ids)
+
+
+def _ids_key(fitness_hash: str | None) -> str:
+    return f"example_ids:{fitness_hash}"
 
 
 def _candidate(row: tuple[Any, ...]) -> CandidateRecord:
@@ -463,11 +568,11 @@ def _candidate(row: tuple[Any, ...]) -> CandidateRecord:
     )
 
 
-def _result(row: tuple[Any, ...]) -> ResultRecord:
+def _result(row: tuple[Any, ...], ids: tuple[str, ...] | None) -> ResultRecord:
     (seq, ticket, split, status, objectives, per_example, fitness_hash, recipe_hash, cached_from,
-     worker, started, finished, timings, error) = row  # fmt: skip
+     worker, started, finished, timings, error, examples, total) = row  # fmt: skip
     return ResultRecord(
-        _evaluation(ticket, status, objectives, per_example),
+        _evaluation(ticket, status, objectives, per_example, ids),
         seq,
         split,
         fitness_hash,
@@ -478,4 +583,5 @@ def _result(row: tuple[Any, ...]) -> ResultRecord:
         finished,
         {} if timings is None else json.loads(timings),
         error,
+        None if examples is None else Estimate(examples, total),
     )

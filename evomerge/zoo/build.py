@@ -4,7 +4,8 @@ The output folder holds one ordinary Hugging Face folder per model (safetensors,
 model card), the lm-eval task folder ``fitness/`` for the spec's tasks, the spec itself and
 ``zoo.json``. The build is cached by ``spec_hash``: when ``zoo.json`` carries the same hash and
 every model folder is present, nothing is retrained (``force=True`` rebuilds). ``zoo.json`` is
-written last, so an interrupted build is never mistaken for a finished one. A spec with
+written last, so an interrupted build is never mistaken for a finished one. Only an empty folder or
+a zoo is built into (``evomerge.zoo.folder``): a build never deletes the user's files. A spec with
 ``kernels: portable`` (the default) trains in a child process pinned to float kernels that every
 x86-64 CPU has (``evomerge.zoo.portable``), so the zoo's weights do not depend on the machine.
 """
@@ -20,24 +21,33 @@ from pathlib import Path
 
 import torch
 import yaml
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge.errors import ConfigError
 from evomerge.zoo.corpus import Sequence, base_sequence, task_sequence
 from evomerge.zoo.fitness_files import write_fitness
+from evomerge.zoo.folder import (
+    BUILD_MARKER,
+    INDEX_FILE,
+    SPEC_FILE,
+    cached_index,
+    check_buildable,
+)
 from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
 from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
 from evomerge.zoo.model_card import model_card
 from evomerge.zoo.portable import build_in_child
 from evomerge.zoo.quick_eval import accuracy
 from evomerge.zoo.spec import BaseSpec, ExpertSpec, ZooSpec, load_spec, parse_spec, spec_hash
-from evomerge.zoo.tasks import task
+from evomerge.zoo.tasks import Example, task
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import TrainConfig, TrainStats, train
-
-INDEX_FILE = "zoo.json"
-SPEC_FILE = "zoo.yaml"
 
 
 def build_zoo(spec_path: str | Path | ZooSpec | dict, out_dir: str | Path, *, force: bool = False) -> ZooIndex:
@@ -45,19 +55,22 @@ def build_zoo(spec_path: str | Path | ZooSpec | dict, out_dir: str | Path, *, fo
     spec = _as_spec(spec_path)
     out = Path(out_dir)
     key = spec_hash(spec)
-    cached = _cached(out, key)
+    cached = cached_index(out, key)
     if cached is not None and not force:
         return cached
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: zoo output path exists and is not a folder")
+    check_buildable(out)
+    eval_sets = _eval_sets(spec)  # before the folder is touched: a spec asking for more examples than exist is refused
     out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_MARKER).write_text(key + "\n")
     (out / INDEX_FILE).unlink(missing_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
     try:
-        return _build(spec, key, out)
+        index = _build(spec, key, out, eval_sets)
     finally:
         torch.set_num_threads(threads_before)
+    (out / BUILD_MARKER).unlink()
+    return index
 
 
 def _as_spec(spec: str | Path | ZooSpec | dict) -> ZooSpec:
@@ -66,21 +79,6 @@ def _as_spec(spec: str | Path | ZooSpec | dict) -> ZooSpec:
     if isinstance(spec, dict):
         return parse_spec(spec)
     return load_spec(spec)
-
-
-def _cached(out: Path, key: str) -> ZooIndex | None:
-    path = out / INDEX_FILE
-    if not path.is_file():
-        return None
-    try:
-        index = ZooIndex.load(path)
-    except ConfigError:
-        return None
-    if index.spec_hash != key:
-        return None
-    if not all((out / m.folder / "model.safetensors").is_file() for m in index.models):
-        return None
-    return index
 
 
 def _progress() -> Progress:
@@ -110,25 +108,30 @@ def _expert_sampler(spec: ZooSpec, expert: ExpertSpec) -> Callable[[random.Rando
     return sample
 
 
-def _build(spec: ZooSpec, key: str, out: Path) -> ZooIndex:
+def _eval_sets(spec: ZooSpec) -> dict[tuple[str, str], list[Example]]:
+    """Every task's validation and test examples (deterministic in the spec)."""
+    return {
+        (name, split): task(name).eval_set(split, n, spec.max_operand, spec.eval.seed)
+        for name in spec.eval.tasks
+        for split, n in (("validation", spec.eval.n_validation), ("test", spec.eval.n_test))
+    }
+
+
+def _build(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, str], list[Example]]) -> ZooIndex:
     if spec.kernels == "portable":
         return build_in_child(spec, key, out, INDEX_FILE)
-    return build_here(spec, key, out)
+    return build_here(spec, key, out, eval_sets)
 
 
-def build_here(spec: ZooSpec, key: str, out: Path) -> ZooIndex:
+def build_here(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, str], list[Example]] | None = None) -> ZooIndex:
     """Train, score and write the zoo in this process, with whatever float kernels it already uses."""
+    eval_sets = _eval_sets(spec) if eval_sets is None else eval_sets
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     config = llama_config(
         layers=spec.model.layers, hidden=spec.model.hidden, heads=spec.model.heads, ffn=spec.model.ffn,
         max_positions=spec.model.max_positions, tokenizer_vocab=len(tokenizer),
     )
-    eval_sets = {
-        (name, split): task(name).eval_set(split, n, spec.max_operand, spec.eval.seed)
-        for name in spec.eval.tasks
-        for split, n in (("validation", spec.eval.n_validation), ("test", spec.eval.n_test))
-    }
     models: list[tuple[str, str, str, LlamaForCausalLM, TrainStats]] = []
     with _progress() as progress:
         base = build_base_model(

@@ -10,12 +10,14 @@ word-level tokenizer).
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel
 
+from evomerge.fitness.lm import cache_keyword
 from evomerge.zoo.languages import ANS, BOS, EOS, PAD, vocabulary
 from evomerge.zoo.tasks import Example, Task
 
@@ -40,12 +42,13 @@ def generate_greedy(
         by_len[len(p)].append(i)
     out: list[list[int]] = [[] for _ in prompts]
     model.eval()
+    cache = cache_keyword(inspect.signature(model.forward).parameters)
     for _, idx_all in sorted(by_len.items()):
         for s in range(0, len(idx_all), EVAL_BATCH):
             idx = idx_all[s : s + EVAL_BATCH]
             ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
             res = model(input_ids=ids, use_cache=True)
-            past = res.past_key_values
+            past = getattr(res, cache)
             nxt = res.logits[:, -1].argmax(-1)
             done = torch.zeros(len(idx), dtype=torch.bool)
             gen: list[list[int]] = [[] for _ in idx]
@@ -59,8 +62,8 @@ def generate_greedy(
                         gen[r].append(tok)
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
-                res = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-                past = res.past_key_values
+                res = model(input_ids=nxt[:, None], use_cache=True, **{cache: past})
+                past = getattr(res, cache)
                 nxt = res.logits[:, -1].argmax(-1)
             for r, i in enumerate(idx):
                 out[i] = gen[r]

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.validation import read_yaml
 from evomerge.zoo.corpus import MIXTURE_SOURCES
 from evomerge.zoo.tasks import TASK_NAMES
 
 ZOO_FORMAT = 2
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+MAX_SEED = 2**32 - 1
 
 
 class _Strict(BaseModel):
@@ -36,8 +38,8 @@ class ModelSpec(_Strict):
     heads: int = Field(4, ge=1, le=64)
     ffn: int = Field(512, ge=8, le=8192)
     max_positions: int = Field(64, ge=32, le=4096)
-    embed_std: float = Field(0.1, gt=0)
-    offset_norm: float = Field(0.5, ge=0)
+    embed_std: float = Field(0.1, gt=0, allow_inf_nan=False)
+    offset_norm: float = Field(0.5, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSpec:
@@ -49,11 +51,11 @@ class ModelSpec(_Strict):
 class TrainSpec(_Strict):
     """Optimisation settings of one training run."""
 
-    steps: int = Field(ge=1)
+    steps: int = Field(ge=1, le=10_000_000)
     lr: float = Field(gt=0, le=1)
-    batch_size: int = Field(64, ge=1)
-    warmup: int = Field(50, ge=1)
-    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    warmup: int = Field(50, ge=1, le=10_000_000)
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
 
 
 class BaseSpec(TrainSpec):
@@ -68,8 +70,8 @@ class BaseSpec(TrainSpec):
         for k, w in v.items():
             if k not in MIXTURE_SOURCES:
                 raise ValueError(f"unknown source {k!r}; expected one of {', '.join(MIXTURE_SOURCES)}")
-            if w < 0:
-                raise ValueError(f"weight of {k!r} must be >= 0, got {w}")
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"weight of {k!r} must be a number >= 0, got {w}")
         if not any(w > 0 for w in v.values()):
             raise ValueError("needs at least one source with a positive weight")
         return v
@@ -110,9 +112,9 @@ class EvalSpec(_Strict):
     """Which tasks every model is scored on, and the held-out set sizes."""
 
     tasks: list[str] = Field(min_length=1)
-    n_validation: int = Field(300, ge=1)
-    n_test: int = Field(500, ge=1)
-    seed: int = 0
+    n_validation: int = Field(300, ge=1, le=100_000)
+    n_test: int = Field(500, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("tasks")
     @classmethod
@@ -138,7 +140,7 @@ class SettingSpec(_Strict):
 class ZooSpec(_Strict):
     """The whole zoo: one base, its experts, the evaluation and the merge settings."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     threads: int = Field(2, ge=1, le=256)
     kernels: Literal["portable", "native"] = Field(
         "portable",
@@ -202,11 +204,7 @@ def load_spec(path: str | Path) -> ZooSpec:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: zoo spec file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_spec(data, str(p))
+    return parse_spec(read_yaml(p), str(p))
 
 
 def spec_hash(spec: ZooSpec) -> str:

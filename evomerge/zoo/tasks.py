@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from evomerge.errors import ConfigError
 from evomerge.zoo.languages import ANS, Lang, number, to_lang
 
 Split = Literal["train", "validation", "test"]
@@ -143,9 +144,9 @@ class Task:
         while len(out) < n:
             attempts += 1
             if attempts > 200 * n + 10_000:
-                raise ValueError(
-                    f"eval_set: task {self.name} has fewer than {n} distinct {split} items "
-                    f"with max_operand={max_operand}"
+                raise ConfigError(
+                    f"eval: task {self.name} has fewer than {n} distinct {split} items with max_operand={max_operand}; "
+                    f"lower eval.n_{split} or raise max_operand"
                 )
             item = self.family.draw(rng, max_operand)
             if item in seen or split_of(self.family.name, item) != split:

@@ -17,7 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import LlamaForCausalLM
 
 from evomerge.zoo.corpus import Sequence
