@@ -95,21 +95,16 @@ def test_target_is_language_gated() -> None:
     assert prompt_text(ex) == "ka wa ζ κ tasu β ¿ ="
 
 
-def test_generators_are_seeded_and_base_mixture_never_answers_in_b_nor_adds() -> None:
-    mix = {**MIX, "qa_ba": 0.2}
-    draw = lambda seed: [base_sequence(random.Random(seed), 99, mix, 0.35).tokens for _ in range(1)]
+def test_generators_are_seeded_and_base_mixture_has_no_answered_b_or_addition() -> None:
+    draw = lambda seed: [base_sequence(random.Random(seed), 99, MIX, 0.35).tokens for _ in range(1)]
     assert draw(3) == draw(3)
     rng = random.Random(0)
-    b_digits, b_questions = set(DIGITS_B), 0
+    b_digits = set(DIGITS_B)
     for _ in range(2000):
-        seq = base_sequence(rng, 99, mix, 0.35)
-        if ANS in seq.tokens:  # answered questions in the base: after/before/bigger, answered in A
-            k = seq.tokens.index(ANS)
-            assert "plus" not in seq.tokens and not b_digits & set(seq.tokens[k:])
-            assert set(seq.tokens[k + 1 :]) <= set(DIGITS_A)
-            b_questions += bool(b_digits & set(seq.tokens[:k]))
+        seq = base_sequence(rng, 99, MIX, 0.35)
+        if ANS in seq.tokens:  # answered questions in the base are A-only after/before/bigger
+            assert "plus" not in seq.tokens and not b_digits & set(seq.tokens)
         assert all(seq.loss)
-    assert 300 < b_questions < 500  # qa_ba: questions asked in B, ~20 % of the mixture
     ex = task_sequence(random.Random(1), "add_a", 99)
     k = ex.tokens.index(ANS)
     assert ex.loss == [False] * (k + 1) + [True] * (len(ex.tokens) - k - 1)
@@ -200,10 +195,6 @@ def test_spec_cross_references_are_checked() -> None:
     bad = [{"name": "cross", "experts": ["skill", "ghost"], "tasks": ["add_b"]}]
     with pytest.raises(ConfigError, match=r"unknown expert 'ghost'"):
         parse_spec(tiny_spec(settings=bad))
-    with pytest.raises(ConfigError, match=r"^zoo spec: experts.0.replay_without: unknown source 'poetry'"):
-        parse_spec(tiny_spec(experts=[{**experts[0], "replay_without": ["poetry"]}, experts[1]]))
-    with pytest.raises(ConfigError, match=r"^zoo spec: expert 'skill' replays nothing: replay_without leaves no source"):
-        parse_spec(tiny_spec(experts=[{**experts[0], "replay": 0.5, "replay_without": list(MIX)}, experts[1]]))
 
 
 def test_shipped_specs_are_valid_and_hash_differs_per_spec() -> None:

@@ -98,11 +98,9 @@ def _train_cfg(run: BaseSpec | ExpertSpec, seed: int) -> TrainConfig:
 
 
 def _expert_sampler(spec: ZooSpec, expert: ExpertSpec) -> Callable[[random.Random], Sequence]:
-    replay = {k: w for k, w in spec.base.mixture.items() if k not in expert.replay_without}
-
     def sample(rng: random.Random) -> Sequence:
         if rng.random() < expert.replay:
-            return base_sequence(rng, spec.max_operand, replay, spec.base.codeswitch_prob)
+            return base_sequence(rng, spec.max_operand, spec.base.mixture, spec.base.codeswitch_prob)
         return task_sequence(rng, rng.choice(expert.tasks), spec.max_operand)
 
     return sample
@@ -155,8 +153,7 @@ def build_here(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, st
                 label=expert.name, progress=progress,
             )
             what = " + ".join(expert.tasks)
-            without = "".join(f" without {k}" for k in expert.replay_without)
-            models.append((expert.name, "expert", f"{what} (+ {expert.replay:g} replay of the base mixture{without})", model, stats))
+            models.append((expert.name, "expert", f"{what} (+ {expert.replay:g} replay of the base mixture)", model, stats))
         bar = progress.add_task("scoring", total=len(models) * len(eval_sets), loss=float("nan"), tps=0.0)
         entries: list[ModelEntry] = []
         for name, role, trained_on, model, stats in models:

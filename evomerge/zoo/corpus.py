@@ -107,18 +107,6 @@ def qa_a(rng: random.Random, max_operand: int) -> Sequence:
     return Sequence(toks, [True] * len(toks))
 
 
-def qa_ba(rng: random.Random, max_operand: int) -> Sequence:
-    """An after/before/bigger question asked in B and answered in A, trained on all tokens.
-
-    The base reads B questions but answers in A, as an English-centric LLM answers a Japanese
-    question in English: its number reading becomes the same for both scripts (so a skill learned
-    in A works on B numbers), while answering in B stays the language expert's contribution.
-    """
-    ex = task("qa_a").draw(rng, max_operand, "train")
-    toks = [*to_lang(ex.prompt, "B"), ANS, *ex.answer]
-    return Sequence(toks, [True] * len(toks))
-
-
 def base_sequence(
     rng: random.Random, max_operand: int, mixture: dict[str, float], codeswitch_prob: float
 ) -> Sequence:
@@ -133,12 +121,10 @@ def base_sequence(
         return codeswitch(rng, max_operand, codeswitch_prob)
     if kind == "qa_a":
         return qa_a(rng, max_operand)
-    if kind == "qa_ba":
-        return qa_ba(rng, max_operand)
     raise ValueError(f"unknown base mixture source {kind!r}")
 
 
-MIXTURE_SOURCES: tuple[str, ...] = ("translation", "monolingual", "codeswitch", "qa_a", "qa_ba")
+MIXTURE_SOURCES: tuple[str, ...] = ("translation", "monolingual", "codeswitch", "qa_a")
 
 
 def task_sequence(rng: random.Random, task_name: str, max_operand: int) -> Sequence:

@@ -83,9 +83,6 @@ class ExpertSpec(TrainSpec):
     name: str
     tasks: list[str] = Field(min_length=1)
     replay: float = Field(0.5, ge=0, lt=1)
-    replay_without: list[str] = Field(
-        default_factory=list, description="base mixture sources left out of the replay (e.g. ones that contradict the tasks)"
-    )
 
     @field_validator("name")
     @classmethod
@@ -98,14 +95,6 @@ class ExpertSpec(TrainSpec):
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
         return [_check_task(t) for t in v]
-
-    @field_validator("replay_without")
-    @classmethod
-    def _known_sources(cls, v: list[str]) -> list[str]:
-        for k in v:
-            if k not in MIXTURE_SOURCES:
-                raise ValueError(f"unknown source {k!r}; expected one of {', '.join(MIXTURE_SOURCES)}")
-        return v
 
 
 class EvalSpec(_Strict):
@@ -160,9 +149,6 @@ class ZooSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"expert names must be unique, repeated: {', '.join(dupes)}")
-        for e in self.experts:
-            if e.replay > 0 and not any(w > 0 for k, w in self.base.mixture.items() if k not in e.replay_without):
-                raise ValueError(f"expert {e.name!r} replays nothing: replay_without leaves no source of base.mixture")
         for s in self.settings:
             for e in s.experts:
                 if e not in names:
