@@ -1,38 +1,35 @@
-"""Does "merging matters" survive other CPUs and other zoo seeds? The README's robustness table.
+"""Does the demo's "merging matters" survive other zoo seeds and other CPUs? The README's robustness table.
 
-One *build* = one zoo seed × one ATen kernel tier (``ATEN_CPU_CAPABILITY``: ``default``, ``avx2``,
-``avx512`` — the float kernels of other CPUs, reproduced on this one). For each build, in a process
-running on that tier:
+One *build* = one zoo seed × one search-time ATen kernel tier (``ATEN_CPU_CAPABILITY``: ``default``,
+``avx2``, ``avx512`` — other CPUs' float kernels, reproduced on this one). Zoo weights do not depend
+on the tier (portable builds train on pinned kernels, ``tests/test_zoo.py``), so a seed's zoo is
+built once; what the tier changes is the search: every candidate's forward pass, hence the scores
+CMA-ES sees and the merge it keeps. For each build, in a process on that tier, the demo runs as
+``bash .ci/demo`` runs it (``experiments/demo.yaml`` unchanged — CMA-ES, per-layer task arithmetic,
+100 validation questions, 150 evaluations — but for its zoo), and its held-out table is recorded.
 
-- the zoo of the spec with that seed is built (``--build-kernels portable``, the shipped behaviour:
-  pinned kernels, so the three tiers of a seed share one zoo; ``native``: trained on the tier
-  itself, so every build has its own experts — the harder test);
-- the demo runs as ``bash .ci/demo`` runs it (``experiments/demo.yaml``: CMA-ES per-layer search on
-  100 validation questions, best merge scored on the whole test split) against that zoo;
-- cross-lingual: the best *global* merge (``zoo_table.py``'s task-arithmetic/TIES grid, selected on
-  the 300 validation questions, scored on test);
-- multi-skill (``skill_add_a`` + ``lang_qa_b`` + ``sort_a``): the same global grid and a per-layer
-  CMA-ES search that maximizes the share of its own accuracy the second-best-kept expert keeps; the
-  three-expert trade-off front is the set of non-dominated merges among them (kept shares on test).
+Per seed (``--multi``, on the CPU's own tier): the multi-skill setting (``skill_add_a`` + ``lang_qa_b``
++ ``sort_a``) — ``zoo_table.py``'s global grid and its per-layer CMA-ES search on ``kept2`` (the share
+of its own accuracy the second-best-kept expert keeps) — and whether some merge keeps ≥ 50 % of two
+experts at once.
 
-Prints, per criterion, min / median / max over the builds and whether every build passes:
-the demo's best merge beats the better expert on ``zoo_add_b`` by ≥ 20 points; it beats the best
-global merge; some multi-skill merge keeps ≥ 50 % of two experts at once.
+    EVOMERGE_ZOO=.cache/zoo python benchmarks/zoo_robustness.py [--seeds 0,1,2] [--kernels avx512,default,avx2]
+        [--zoo 1=/work/zoo/seed1 ...] [--multi] [--out .cache/robustness] [--table]
 
-    python benchmarks/zoo_robustness.py [--seeds 0,1,2] [--kernels default,avx2,avx512] [--jobs 2]
-        [--build-kernels portable|native] [--out .cache/robustness] [--table]
-
-Builds and runs go under ``--out`` (never a user's zoo). Every finished build's raw results are kept
-in ``OUT/results.json``, so an interrupted benchmark resumes where it stopped and ``--table`` re-prints
-the table without running anything.
+Seed 0's zoo is ``$EVOMERGE_ZOO`` (else ``.cache/zoo``); seed N's is ``OUT/zoos/seedN`` unless
+``--zoo N=DIR`` names it. A missing zoo is built (portable, ``--spec`` with that seed); an
+existing zoo of another spec is an error — this script never rebuilds a zoo. Builds run in the
+order given: every seed on the first tier, then the other tiers. Each finished build is kept in
+``OUT/robustness.json``, so an interrupted benchmark resumes where it stopped, and ``--table``
+re-prints the table without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,84 +48,85 @@ sys.path.insert(0, str(HERE))
 DEMO = REPO / "experiments" / "demo.yaml"
 DEFAULT_SPEC = REPO / "evomerge" / "zoo" / "default.yaml"
 TIERS = ("default", "avx2", "avx512")
+TASKS = ("zoo_add_b", "zoo_add_a", "zoo_qa_b")
+MODELS = {"best merge": "best merge", "skill": "skill_add_a", "lang": "lang_qa_b"}
+MARGIN = 20.0
 
 
-def available_tiers() -> list[str]:
-    """The ATen kernel tiers this CPU can run (``default`` always)."""
+def top_tier() -> str:
+    """The fastest ATen kernel tier of this CPU (what torch picks when nothing is pinned)."""
     code = "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    top = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
-    return list(TIERS[: TIERS.index(top) + 1]) if top in TIERS else ["default"]
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def seeded_spec(spec_path: Path, seed: int, build_kernels: str, out: Path) -> Path:
-    """The spec with its seed (and kernel mode) replaced, written under ``out``; returns its path."""
-    data = yaml.safe_load(spec_path.read_text())
+def seeded_spec(spec: Path, seed: int, out: Path) -> Path:
+    """``spec`` with its seed replaced, written under ``out`` (its own seed: ``spec`` itself)."""
+    data = yaml.safe_load(spec.read_text())
+    if data.get("seed", 0) == seed:
+        return spec
     data["seed"] = seed
-    data["kernels"] = build_kernels
-    path = out / "specs" / f"{spec_path.stem}-s{seed}-{build_kernels}.yaml"
+    path = out / "specs" / f"{spec.stem}-seed{seed}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def zoo_dir(out: Path, spec: Path, tier: str, build_kernels: str) -> Path:
-    return out / "zoos" / (spec.stem if build_kernels == "portable" else f"{spec.stem}-{tier}")
+def ready_zoo(spec: Path, zoo: Path, log: Path) -> dict | None:
+    """Use ``zoo`` if it holds ``spec``'s zoo; build it into a missing or empty folder (returns the
+    build's wall and CPU seconds); refuse a zoo of another spec or a folder with a build under way."""
+    from evomerge.zoo.index import ZooIndex
+    from evomerge.zoo.spec import load_spec, spec_hash
+
+    key = spec_hash(load_spec(spec))
+    if (zoo / "zoo.json").is_file():
+        found = ZooIndex.load(zoo / "zoo.json").spec_hash
+        if found != key:
+            sys.exit(f"error: {zoo}: a zoo of another spec ({found}, want {key} of {spec}); "
+                     "point --zoo at the right folder (this script never rebuilds a zoo)")
+        return None
+    if zoo.exists() and any(zoo.iterdir()):
+        sys.exit(f"error: {zoo}: no zoo.json but not empty (a build under way or interrupted?); "
+                 f"finish it with `evomerge zoo build --spec {spec} --out {zoo}`")
+    print(f"  building {zoo} from {spec} (log: {log})", flush=True)
+    started, cpu = time.perf_counter(), _children_cpu()
+    with log.open("w") as f:
+        done = subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", "--spec", str(spec), "--out", str(zoo)],
+                              stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"error: zoo build of {spec} into {zoo} failed (exit {done.returncode}); log: {log}")
+    return {"wall_seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(_children_cpu() - cpu, 1)}
 
 
-# -- one build: runs in a child process whose ATen kernel tier is the build's --------------------
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (and theirs: the portable build's pinned process)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def build_job(spec: Path, zoo: Path) -> dict:
-    """Build (or reuse) one zoo; returns the wall and CPU seconds it took here."""
-    from evomerge.zoo.build import build_zoo
-
-    started, cpu = time.perf_counter(), _cpu_seconds()
-    index = build_zoo(spec, zoo)
-    return {"zoo": str(zoo), "spec_hash": index.spec_hash, "build_seconds": index.build_seconds,
-            "wall_seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(_cpu_seconds() - cpu, 1)}
+# -- jobs: each runs in a child process whose ATen kernel tier is the build's -------------------------
 
 
-def _cpu_seconds() -> float:
-    usage = [os.times()]
-    return usage[0].user + usage[0].children_user + usage[0].system + usage[0].children_system
-
-
-def demo_run(spec: Path, zoo: Path, run_dir: Path, budget: int | None) -> dict:
-    """The demo experiment, unchanged but for where its zoo is; returns its summary and timings."""
-    from evomerge.driver import start_run
+def demo_job(spec: Path, zoo: Path, run_dir: Path) -> dict:
+    """The demo experiment, unchanged but for its zoo; its held-out rows (in %) and timings."""
+    from evomerge.run import start_run
 
     data = yaml.safe_load(DEMO.read_text())
     data["zoo"] = {"spec": str(spec), "dir": str(zoo)}
     data["search_space"] = str((DEMO.parent / data["search_space"]).resolve())
     data["fitness"]["include_path"] = str((DEMO.parent / data["fitness"]["include_path"]).resolve())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.experiment.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    experiment = run_dir.parent / f"{run_dir.name}.yaml"
+    experiment.write_text(yaml.safe_dump(data, sort_keys=False))
     started = time.perf_counter()
-    summary = start_run(path, run_dir=run_dir, budget=budget, progress=False, overwrite=True)
-    rows = {r["label"].split(" (#")[0]: r["objectives"] for r in summary["rows"]}
-    return {"rows": rows, "best_candidate": summary["best"]["candidate"], "best_validation": summary["best"]["objectives"],
-            "seconds": round(time.perf_counter() - started, 1)}
+    summary = start_run(experiment, run_dir=run_dir, progress=False, overwrite=True)
+    rows = {r["label"].split(" (#")[0]: {t: 100 * r["objectives"][t] for t in TASKS} for r in summary["rows"]}
+    return {"rows": rows, "best_candidate": summary["best"]["candidate"],
+            "best_validation": 100 * summary["best"]["objectives"]["fitness"], "seconds": round(time.perf_counter() - started, 1)}
 
 
-def global_rows(zoo: Path, setting_name: str) -> list[dict]:
-    """``zoo_table``'s sources, global grid and best global merge (selected on validation) of a setting."""
-    import zoo_table
-    from evomerge.materialize import ResidentMerger
-    from evomerge.pool import ModelPool
-    from evomerge.zoo.index import ZooIndex
-
-    index = ZooIndex.load(zoo / "zoo.json")
-    setting = next(s for s in index.settings if s.name == setting_name)
-    zoo_table.use_setting(zoo, setting)
-    folders = zoo_table.setting_folders(zoo, index, setting)
-    with ModelPool.open(folders, "base") as pool:
-        return zoo_table.source_and_global_rows(zoo, index, setting, ResidentMerger.load(pool, device="cpu"), folders, quiet=True)
-
-
-def multi_skill(zoo: Path, budget: int, seed: int) -> dict:
-    """Multi-skill: the global grid plus a per-layer search on the second-best kept share (``kept2``)."""
+def multi_job(zoo: Path, budget: int) -> dict:
+    """Multi-skill: ``zoo_table``'s global grid and per-layer ``kept2`` search, scored on test."""
     import zoo_table
     from evomerge.materialize import ResidentMerger
     from evomerge.pool import ModelPool
@@ -142,178 +140,149 @@ def multi_skill(zoo: Path, budget: int, seed: int) -> dict:
     with ModelPool.open(folders, "base") as pool:
         merger = ResidentMerger.load(pool, device="cpu")
         rows = zoo_table.source_and_global_rows(zoo, index, setting, merger, folders, quiet=True)
-        recipe = zoo_table.per_layer_search(zoo, index, setting, budget, seed, zoo_table.SPACE, progress=False)
+        recipe = zoo_table.per_layer_search(zoo, index, setting, budget, 0, zoo_table.SPACE, progress=False)
         rows.append({"label": "best per-layer", "kind": "per-layer", **zoo_table.score_recipe(merger, recipe, setting)})
     own = {t: index.model(e).scores[t]["test"] for e, t in zip(setting.experts, setting.tasks, strict=True)}
     return {"rows": rows, "own": own, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def evaluate_job(spec: Path, zoo: Path, run_dir: Path, budget: int | None, multi_budget: int) -> dict:
-    """Everything measured on one build (in this process's kernel tier)."""
-    import torch
-
-    torch.set_num_threads(1)
-    demo = demo_run(spec, zoo, run_dir, budget)
-    cross = global_rows(zoo, "cross_lingual")
-    multi = multi_skill(zoo, multi_budget, seed=0)
-    return {"demo": demo, "cross_lingual": cross, "multi_skill": multi}
-
-
-# -- criteria ---------------------------------------------------------------------------------------
-
-
-def kept_shares(test: dict[str, float], own: dict[str, float]) -> list[float]:
-    """Each expert's share of its own test accuracy that a merge keeps, in %."""
-    return [100.0 * test[t] / max(own[t], 1e-9) for t in own]
+def _child(job: list[str], tier: str, log: Path) -> dict:
+    """Run this script's ``--job`` in a fresh process on ATen kernel tier ``tier``; its JSON answer."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": tier}
+    answer = log.with_suffix(".json")
+    answer.unlink(missing_ok=True)
+    with log.open("w") as f:
+        done = subprocess.run([sys.executable, __file__, "--job", *job, "--answer", str(answer)], env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"error: {job[0]} job failed on {tier} (exit {done.returncode}); log: {log}")
+    return json.loads(answer.read_text())
 
 
-def front(points: list[list[float]]) -> list[int]:
-    """Indices of the non-dominated points (maximizing every coordinate)."""
-    def dominated(i: int) -> bool:
-        return any(all(q >= p for q, p in zip(points[j], points[i])) and points[j] != points[i] for j in range(len(points)))
-    return [i for i in range(len(points)) if not dominated(i)]
+# -- the table ---------------------------------------------------------------------------------------
 
 
-def criteria(result: dict) -> dict[str, float]:
-    """The numbers the robustness table reports for one build."""
-    rows = result["demo"]["rows"]
-    target = "zoo_add_b"
-    best = rows["best merge"][target] * 100
-    experts = max(rows["skill"][target], rows["lang"][target]) * 100
-    best_global = next(r for r in result["cross_lingual"] if r["kind"] == "best global")
-    multi = result["multi_skill"]
-    merges = [r for r in multi["rows"] if r["kind"] in ("global", "per-layer")]
-    shares = [kept_shares(r["test"], multi["own"]) for r in merges]
-    second = [sorted(s, reverse=True)[1] for s in shares]
-    pareto = front(shares)
-    return {
-        "demo best merge, zoo_add_b": best,
-        "better expert, zoo_add_b": experts,
-        "margin over better expert": best - experts,
-        "best global merge, zoo_add_b": best_global["test"]["add_b"],
-        "demo best − best global": best - best_global["test"]["add_b"],
-        "demo best merge, zoo_add_a": rows["best merge"]["zoo_add_a"] * 100,
-        "demo best merge, zoo_qa_b": rows["best merge"]["zoo_qa_b"] * 100,
-        "skill_add_a, zoo_add_a": rows["skill"]["zoo_add_a"] * 100,
-        "lang_qa_b, zoo_qa_b": rows["lang"]["zoo_qa_b"] * 100,
-        "multi: best pair kept (2nd-best share)": max(second),
-        "multi: best three-way kept (min share)": max(min(s) for s in shares),
-        "multi: front points keeping ≥ 50 % of two": sum(1 for i in pareto if second[i] >= 50),
-        "demo search seconds": result["demo"]["seconds"],
-    }
+def demo_numbers(demo: dict) -> dict[str, float]:
+    rows = demo["rows"]
+    numbers = {f"{short} {t.removeprefix('zoo_')}": rows[label][t] for label, short in
+               (("best merge", "merge"), ("skill", "skill"), ("lang", "lang")) for t in TASKS}
+    numbers["margin add_b"] = rows["best merge"]["zoo_add_b"] - max(rows["skill"]["zoo_add_b"], rows["lang"]["zoo_add_b"])
+    numbers["search s"] = demo["seconds"]
+    return numbers
 
 
-PASS = {
-    "margin over better expert": lambda v: v >= 20,
-    "demo best − best global": lambda v: v > 0,
-    "multi: best pair kept (2nd-best share)": lambda v: v >= 50,
-    "multi: front points keeping ≥ 50 % of two": lambda v: v >= 1,
-}
+def multi_numbers(multi: dict) -> dict[str, float]:
+    """Shares (in % of each expert's own test accuracy) the multi-skill merges keep."""
+    own = multi["own"]
+    best: dict[str, float] = {}
+    for kind in ("global", "per-layer"):
+        shares = [sorted((100 * r["test"][t] / max(own[t], 1e-9) for t in own), reverse=True)
+                  for r in multi["rows"] if r["kind"] == kind]
+        best[f"{kind} pair kept"] = max(s[1] for s in shares)
+        best[f"{kind} three kept"] = max(s[2] for s in shares)
+    return best
 
 
-def table(results: dict[str, dict]) -> str:
-    """Min / median / max over builds of every criterion, and whether all builds pass."""
-    per_build = {key: criteria(r) for key, r in sorted(results.items())}
-    names = list(next(iter(per_build.values())))
-    lines = [f"| over {len(per_build)} builds | min | median | max | every build |", "|---|---|---|---|---|"]
-    for name in names:
-        values = [c[name] for c in per_build.values()]
-        check = PASS.get(name)
-        verdict = "" if check is None else ("PASS" if all(check(v) for v in values) else
-                                            f"MISS ({sum(not check(v) for v in values)} builds)")
-        lines.append(f"| {name} | {min(values):.1f} | {statistics.median(values):.1f} | {max(values):.1f} | {verdict} |")
-    lines.append("")
-    lines.append("| build | " + " | ".join(names[:5]) + " |")
-    lines.append("|---" * 6 + "|")
-    for key, c in per_build.items():
-        lines.append(f"| {key} | " + " | ".join(f"{c[n]:.1f}" for n in names[:5]) + " |")
-    return "\n".join(lines)
+def _stats(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def table(results: dict) -> str:
+    demos = {k: demo_numbers(v) for k, v in sorted(results.get("demo", {}).items())}
+    lines: list[str] = []
+    if demos:
+        cols = ["merge add_b", "skill add_b", "lang add_b", "margin add_b", "merge add_a", "merge qa_b",
+                "skill add_a", "lang qa_b", "search s"]
+        lines += ["| build (zoo seed / search kernels) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{n[c]:.1f}" for c in cols) + " |" for k, n in demos.items()]
+        lines.append(f"| median (min–max) over {len(demos)} | " + " | ".join(_stats([n[c] for n in demos.values()]) for c in cols) + " |")
+        margins = [n["margin add_b"] for n in demos.values()]
+        lines += ["", f"best merge beats the better expert on zoo_add_b in {sum(m > 0 for m in margins)}/{len(margins)} builds, "
+                      f"by ≥ {MARGIN:g} points in {sum(m >= MARGIN for m in margins)}/{len(margins)}"]
+        median = sorted(demos.values(), key=lambda n: n["merge add_b"])[(len(demos) - 1) // 2]
+        lines += ["", "README demo table (median build by best merge's zoo_add_b; min–max over builds beside):",
+                  "| model | zoo_add_b (test) | zoo_add_a | zoo_qa_b |", "|---|---|---|---|"]
+        for short, name in (("merge", "best merge"), ("skill", "skill_add_a"), ("lang", "lang_qa_b")):
+            cells = [f"{median[f'{short} {t}']:.1f} ({min(n[f'{short} {t}'] for n in demos.values()):.1f}–"
+                     f"{max(n[f'{short} {t}'] for n in demos.values()):.1f})" for t in ("add_b", "add_a", "qa_b")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    multis = {k: multi_numbers(v) for k, v in sorted(results.get("multi", {}).items())}
+    if multis:
+        cols = list(next(iter(multis.values())))
+        lines += ["", "| multi-skill (kept share of own test accuracy, %) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{n[c]:.0f}" for c in cols) + " |" for k, n in multis.items()]
+        passed = sum(max(n["global pair kept"], n["per-layer pair kept"]) >= 50 for n in multis.values())
+        lines += ["", f"some merge keeps ≥ 50 % of two experts at once in {passed}/{len(multis)} zoo seeds"]
+    for key, cost in sorted(results.get("builds", {}).items()):
+        lines.append(f"zoo build, {key}: {cost['cpu_seconds']:.0f} CPU s ({cost['wall_seconds']:.0f} s wall)")
+    return "\n".join(lines) if lines else "no results yet"
 
 
 # -- orchestration ------------------------------------------------------------------------------------
 
 
-def _child(args: list[str], tier: str, log: Path) -> dict:
-    """Run this script's ``--job`` in a process on ATen kernel tier ``tier``; returns its JSON answer."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": tier}
-    answer = log.with_suffix(".json")
-    answer.unlink(missing_ok=True)
-    with log.open("w") as f:
-        done = subprocess.run([sys.executable, __file__, "--job", *args, "--answer", str(answer)],
-                              env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:1])} failed on {tier} (exit {done.returncode}); log: {log}")
-    return json.loads(answer.read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="zoo seeds, comma-separated (default 0,1,2)")
-    parser.add_argument("--kernels", default=None, help="ATen kernel tiers (default: every tier this CPU runs)")
-    parser.add_argument("--spec", default=str(DEFAULT_SPEC), help="zoo spec whose seed is varied")
-    parser.add_argument("--build-kernels", choices=("portable", "native"), default="portable",
-                        help="portable: pinned builds, one zoo per seed (as shipped); native: each tier trains its own zoo")
-    parser.add_argument("--out", default=str(REPO / ".cache" / "robustness"), help="scratch folder for zoos, runs and results")
-    parser.add_argument("--budget", type=int, default=None, help="demo evaluations (default: the demo's own)")
+    parser.add_argument("--kernels", default=None, help="search-time ATen tiers in run order (default: this CPU's top tier first, then the others)")
+    parser.add_argument("--zoo", action="append", default=[], metavar="SEED=DIR", help="the zoo folder of a seed (repeatable)")
+    parser.add_argument("--spec", default=str(DEFAULT_SPEC), help="zoo spec whose seed is varied (default: the bundled one)")
+    parser.add_argument("--multi", action="store_true", help="also the multi-skill check, once per seed, after the demo builds")
     parser.add_argument("--multi-budget", type=int, default=150, help="evaluations of the multi-skill per-layer search")
-    parser.add_argument("--jobs", type=int, default=1, help="builds/evaluations at once (1-thread processes)")
+    parser.add_argument("--out", default=str(REPO / ".cache" / "robustness"), help="folder for seeded specs, zoos, runs and results")
     parser.add_argument("--table", action="store_true", help="only print the table of the results recorded so far")
     parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--answer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         kind, *rest = args.job
-        answer = build_job(Path(rest[0]), Path(rest[1])) if kind == "build" else evaluate_job(
-            Path(rest[0]), Path(rest[1]), Path(rest[2]), None if rest[3] == "-" else int(rest[3]), int(rest[4]))
+        answer = demo_job(*map(Path, rest)) if kind == "demo" else multi_job(Path(rest[0]), int(rest[1]))
         Path(args.answer).write_text(json.dumps(answer))
         return
 
     out = Path(args.out).resolve()
-    results_file = out / f"results-{args.build_kernels}.json"
-    results: dict[str, dict] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results_file = out / "robustness.json"
+    results: dict = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.table:
-        print(table(results) if results else f"no results in {results_file}")
+        print(table(results))
         return
-    tiers = args.kernels.split(",") if args.kernels else available_tiers()
+    top = top_tier()
+    tiers = args.kernels.split(",") if args.kernels else [top, *(t for t in TIERS if t != top)]
     seeds = [int(s) for s in args.seeds.split(",")]
-    spec_path = Path(args.spec).resolve()
+    zoos = {0: Path(os.environ.get("EVOMERGE_ZOO") or REPO / ".cache" / "zoo"), **{s: out / "zoos" / f"seed{s}" for s in seeds if s}}
+    zoos.update({int(k): Path(v) for k, v in (z.split("=", 1) for z in args.zoo)})
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    cells = [(seed, tier) for seed in seeds for tier in tiers]
-    todo = [(s, t) for s, t in cells if f"seed {s} / {t}" not in results]
-    print(f"{len(cells)} builds ({len(cells) - len(todo)} done), {args.build_kernels} zoo builds, results in {results_file}", flush=True)
-
-    specs = {s: seeded_spec(spec_path, s, args.build_kernels, out) for s in seeds}
-    builds = {}
-    for s, t in todo:
-        zoo = zoo_dir(out, specs[s], t, args.build_kernels)
-        builds.setdefault(zoo, (s, t))
-    started = time.perf_counter()
-    with futures.ThreadPoolExecutor(args.jobs) as pool:
-        pending = {pool.submit(_child, ["build", str(specs[s]), str(zoo)], t, logs / f"build-{zoo.name}.log"): zoo
-                   for zoo, (s, t) in builds.items()}
-        build_info = {}
-        for done in futures.as_completed(pending):
-            info = done.result()
-            build_info[pending[done]] = info
-            print(f"  built {pending[done].name}: {info['build_seconds']:.0f} s "
-                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
-        jobs = {}
-        for s, t in todo:
-            zoo = zoo_dir(out, specs[s], t, args.build_kernels)
-            run_dir = out / "runs" / f"{zoo.name}-{t}"
-            job = ["evaluate", str(specs[s]), str(zoo), str(run_dir), "-" if args.budget is None else str(args.budget), str(args.multi_budget)]
-            jobs[pool.submit(_child, job, t, logs / f"evaluate-{zoo.name}-{t}.log")] = (s, t, zoo)
-        for done in futures.as_completed(jobs):
-            s, t, zoo = jobs[done]
-            result = {**done.result(), "seed": s, "kernel": t, "build": build_info.get(zoo)}
-            results[f"seed {s} / {t}"] = result
+    specs = {s: seeded_spec(Path(args.spec).resolve(), s, out) for s in seeds}
+    for s in seeds:
+        cost = ready_zoo(specs[s], zoos[s].resolve(), logs / f"build-seed{s}.log")
+        if cost is not None:
+            results.setdefault("builds", {})[f"seed {s}"] = cost
             results_file.write_text(json.dumps(results, indent=1))
-            c = criteria(result)
-            print(f"  seed {s} / {t}: demo best {c['demo best merge, zoo_add_b']:.1f} vs experts "
-                  f"{c['better expert, zoo_add_b']:.1f} vs best global {c['best global merge, zoo_add_b']:.1f}; "
-                  f"multi pair kept {c['multi: best pair kept (2nd-best share)']:.0f} % "
-                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+            print(f"  built seed {s}: {cost['cpu_seconds']:.0f} CPU s, {cost['wall_seconds']:.0f} s wall", flush=True)
+
+    started = time.perf_counter()
+    cells = [(s, t) for t in tiers for s in seeds]
+    print(f"{len(cells)} builds, results in {results_file}", flush=True)
+    for s, t in cells:
+        key = f"seed {s} / {t}"
+        if key in results.get("demo", {}):
+            continue
+        name = f"demo-seed{s}-{t}"
+        demo = _child(["demo", str(specs[s]), str(zoos[s].resolve()), str(out / "runs" / name)], t, logs / f"{name}.log")
+        results.setdefault("demo", {})[key] = {**demo, "zoo": str(zoos[s]), "seed": s, "kernels": t}
+        results_file.write_text(json.dumps(results, indent=1))
+        n = demo_numbers(demo)
+        print(f"  {key}: best merge {n['merge add_b']:.1f} on zoo_add_b, experts {n['skill add_b']:.1f} / {n['lang add_b']:.1f} "
+              f"({n['search s']:.0f} s; {time.perf_counter() - started:.0f} s elapsed)", flush=True)
+    for s in seeds if args.multi else ():
+        key = f"seed {s} / {top}"
+        if key in results.get("multi", {}):
+            continue
+        multi = _child(["multi", str(zoos[s].resolve()), str(args.multi_budget)], top, logs / f"multi-seed{s}.log")
+        results.setdefault("multi", {})[key] = multi
+        results_file.write_text(json.dumps(results, indent=1))
+        print(f"  multi-skill {key}: {multi_numbers(multi)} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
     print()
     print(table(results))
 
