@@ -75,10 +75,14 @@ def seeded_spec(spec: Path, seed: int, out: Path) -> Path:
 def ready_zoo(spec: Path, zoo: Path, log: Path) -> dict | None:
     """Use ``zoo`` if it holds ``spec``'s zoo; build it into a missing or empty folder (returns the
     build's wall and CPU seconds); refuse a zoo of another spec or a folder with a build under way."""
+    from evomerge.zoo.folder import BUILD_MARKER
     from evomerge.zoo.index import ZooIndex
     from evomerge.zoo.spec import load_spec, spec_hash
 
     key = spec_hash(load_spec(spec))
+    if (zoo / BUILD_MARKER).exists():
+        sys.exit(f"error: {zoo}: a zoo build is under way or was interrupted ({BUILD_MARKER}); "
+                 f"finish it with `evomerge zoo build --spec {spec} --out {zoo}`")
     if (zoo / "zoo.json").is_file():
         found = ZooIndex.load(zoo / "zoo.json").spec_hash
         if found != key:
