@@ -208,7 +208,7 @@ class ExperimentFile(_Strict):
                 pool.append(promotion.name)
         return self
 
-    def stage_file(self, index: int, models: dict[str, Reference]) -> ExperimentFile:
+    def stage_file(self, index: int, models: dict[str, Reference], source: str = "experiment") -> ExperimentFile:
         """Stage ``index`` as a plain experiment over ``models`` (the pool at its turn): the stage's
         fields over the experiment's, the fitness merged key by key, named ``<name>-<stage>``."""
         stage = self.stages[index] if self.stages else None
@@ -225,7 +225,7 @@ class ExperimentFile(_Strict):
         if "base" not in stage.model_fields_set and self.base not in names:
             data["base"] = None
         data["name"] = f"{self.name}-{stage.name}"
-        return ExperimentFile.model_validate(data)
+        return validate(ExperimentFile, data, f"{source}: stages[{index}] ({stage.name})")
 
     @field_validator("models")
     @classmethod
@@ -368,7 +368,7 @@ def prepare_zoo(path: str | Path) -> None:
     spec, here, source = _read(path)
     if spec.zoo is None:
         return
-    for part in _parts(spec):
+    for part in _parts(spec, source):
         _resolved_parts(part, here, source)
     _build_zoo(spec.zoo, zoo_folder(spec.zoo, here), here, source)
 
@@ -377,14 +377,14 @@ PROMOTED = "promoted:"
 """Prefix of the placeholder reference a promoted model has while it does not exist yet."""
 
 
-def _parts(spec: ExperimentFile) -> list[ExperimentFile]:
+def _parts(spec: ExperimentFile, source: str) -> list[ExperimentFile]:
     """The experiment, or each stage as an experiment (models promoted by earlier stages as placeholders)."""
     if spec.stages is None:
         return [spec]
     pool: dict[str, Any] = dict(spec.models)
     parts = []
     for i, stage in enumerate(spec.stages):
-        parts.append(spec.stage_file(i, pool))
+        parts.append(spec.stage_file(i, pool, source))
         pool.update({p.name: f"{PROMOTED}{p.name}" for p in stage.promote})
     return parts
 
@@ -393,7 +393,7 @@ def check_experiment_file(path: str | Path) -> tuple[ExperimentFile, Path, str]:
     """Read and validate an experiment file (every stage of a staged one, its fitness, objectives
     and search spaces) without resolving its models; returns it, its folder and its name."""
     spec, here, source = _read(path)
-    for part in _parts(spec):
+    for part in _parts(spec, source):
         _resolved_parts(part, here, source)
     return spec, here, source
 

@@ -84,9 +84,14 @@ def read_yaml(path: str | Path) -> Any:
     return data
 
 
+MAX_DEPTH = 100
+"""Deepest nesting a config file may have (evomerge's own files nest fewer than 10 levels)."""
+
+
 def _refuse_cycles(data: Any, path: Path) -> None:
-    """A YAML alias inside its own anchor (``&a [*a]``) makes a structure that contains itself,
-    which no config can mean and no serializer can write: a one-line ``ConfigError``."""
+    """A YAML alias inside its own anchor (``&a [*a]``) makes a structure that contains itself, and
+    nesting hundreds of levels deep breaks serializers: no config means either, so each is a
+    one-line ``ConfigError``."""
     stack: list[tuple[Any, int]] = [(data, 0)]
     open_ids: list[int] = []
     while stack:
@@ -94,6 +99,8 @@ def _refuse_cycles(data: Any, path: Path) -> None:
         del open_ids[depth:]
         if not isinstance(node, (dict, list)):
             continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError(f"{path}: invalid YAML: nested more than {MAX_DEPTH} levels deep")
         if id(node) in open_ids:
             raise ConfigError(f"{path}: invalid YAML: an alias refers to its own anchor (the structure contains itself)")
         open_ids.append(id(node))

@@ -102,6 +102,7 @@ def harness(sandbox, capfd, monkeypatch):
 
     monkeypatch.setattr(session_module, "prepare", prepare_then_stop)
     monkeypatch.setattr(zoo_build, "train", no_training)
+    monkeypatch.setattr(zoo_build, "build_in_child", no_training)  # a portable build trains in a child process
     capfd.readouterr()
 
     def run(args: list[str], *, created: Path | None = None, must_refuse: bool = False) -> str:
@@ -252,6 +253,7 @@ def _documents(files: list[Path]) -> list[tuple[str, Any]]:
 def _run_and_space(harness: Callable, sandbox: Path, text: bytes | str, *, must_refuse: bool = False) -> None:
     path = write(sandbox / "experiments" / "fuzzed.yaml", text)
     run = sandbox / "fuzzed-run"
+    shutil.rmtree(run, ignore_errors=True)  # each example on its own, whatever an earlier one left
     harness(["run", str(path), "--run-dir", str(run), "--quiet"], created=run, must_refuse=must_refuse)
     assert not run.exists()
     harness(["space", str(path)], must_refuse=must_refuse)
@@ -455,6 +457,7 @@ def test_tagged_values_that_cannot_be_built_are_yaml_errors(harness, sandbox, te
 
 def _run_and_space_verdict(harness: Callable, sandbox: Path, text: str) -> str:
     path = write(sandbox / "experiments" / "fuzzed.yaml", text)
+    shutil.rmtree(sandbox / "fuzzed-run", ignore_errors=True)
     return harness(["run", str(path), "--run-dir", str(sandbox / "fuzzed-run")], created=sandbox / "fuzzed-run")
 
 

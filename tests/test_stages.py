@@ -189,6 +189,15 @@ def test_staged_files_are_checked_before_anything_is_written(experiment, tmp_pat
     bad.write_text(yaml.safe_dump(data))
     assert cli.main(["run", str(bad), "--run-dir", str(run), "--quiet"]) == 2
     assert "repeat" in capsys.readouterr().err and not run.exists()
+    data["stages"][1]["search_space"] = {"kind": "dataflow", "repeats": 2}
+    data["fitness"] = {"python": "fitness.py:nothing"}  # found only when the first stage's worker starts
+    bad.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(bad), "--run-dir", str(run), "--quiet"]) == 2
+    assert capsys.readouterr().err.endswith("'nothing' is not a function of " + str(tmp_path / "fitness.py") + "\n")
+    assert not run.exists()
+    run.mkdir()  # an empty folder of the user's: kept, and left empty
+    assert cli.main(["run", str(bad), "--run-dir", str(run), "--quiet"]) == 2
+    assert run.is_dir() and list(run.iterdir()) == []
     with pytest.raises(ConfigError, match="has stages; run it with `evomerge run`"):
         load_experiment(bad)
     with pytest.raises(ConfigError, match=r"search_space: required field is missing \(or give stages:\)"):
@@ -206,3 +215,30 @@ def test_a_staged_run_directory_is_not_overwritten_by_accident(experiment, tmp_p
         start_run(path, run_dir=run, progress=False)
     start_run(path, run_dir=run, progress=False, overwrite=True)
     assert (run / "notes.txt").read_text() == "mine" and (run / "stages" / "ps" / "summary.json").is_file()
+
+
+def test_plan_of_a_staged_experiment_plans_every_stage_over_its_pool(experiment, tmp_path, capsys, monkeypatch):
+    path = experiment()
+    monkeypatch.chdir(tmp_path)  # where runs/<name> would go
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["plan", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "staged" and report["fits"] is True
+    ps, dfs = report["stages"]
+    assert (ps["stage"], ps["name"], sorted(ps["models"])) == ("ps", "staged-ps", ["a", "b", "base"])
+    assert (dfs["stage"], dfs["name"], sorted(dfs["models"])) == ("dfs", "staged-dfs", ["b", "ps"])
+    # the promoted model does not exist yet: planned with the base's shapes, which a merge keeps
+    assert dfs["models"]["ps"] == ps["models"]["base"]
+    assert dfs["notes"][-1] == "'ps' (promoted by stage ps) planned with the shapes of 'base'"
+    # the data-flow stage merges nothing: no operator caches, unlike the per-layer task arithmetic
+    caches = {s["stage"]: next(p["bytes"] for p in s["parts"] if p["label"] == "operator caches") for s in (ps, dfs)}
+    assert caches["ps"] > 0 and caches["dfs"] == 0
+    assert cli.main(["plan", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "stage ps" in table and "stage dfs" in table and table.count("fits") >= 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # planning writes nothing
+    data = yaml.safe_load(path.read_text())
+    data["stages"][1]["models"] = ["ps", "c"]
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["plan", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: stages[1].models: 'c' is not in the pool at this stage (a, b, base, ps)\n"

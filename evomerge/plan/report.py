@@ -1,7 +1,8 @@
 """``evomerge plan FILE``: the memory plan of one worker, as a table or as JSON.
 
 FILE is an experiment (planned as its search runs: the space's operators, the fitness's largest
-evaluation batch) or a recipe (planned as a worker merging it in memory, with no evaluation).
+evaluation batch), a staged experiment (each stage planned as such an experiment, over the pool at its
+turn) or a recipe (planned as a worker merging it in memory, with no evaluation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if data.get("stages") is not None:
+        return _plan_stages(Path(path), device_memory, host_memory)
     if "strategy" in data or "search_space" in data:
         from evomerge.experiment import load_experiment
         from evomerge.runtime import get_executor
@@ -35,6 +38,33 @@ def plan_file(path: str | Path, *, device_memory: int | None = None, host_memory
         plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=here)
         return _report(str(path), "experiment", experiment.name, plan, shape, workloads)
     return _plan_recipe(Path(path), device_memory, host_memory)
+
+
+def _plan_stages(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
+    """Each stage's plan. A model promoted by an earlier stage does not exist before it runs: it is
+    planned with the shapes of the experiment's base (else its first model), as the stages are
+    checked before a staged run starts — a merge keeps its sources' shapes."""
+    from evomerge.experiment import check_experiment_file, resolve_experiment, resolve_sources, run_dir_of
+    from evomerge.runtime import get_executor
+
+    spec, here, source = check_experiment_file(path)
+    pool = {name: resolved.ref for name, resolved in resolve_sources(spec, here, source).items()}
+    stand_in = spec.base or next(iter(spec.models))
+    promoted: dict[str, str] = {}
+    stages = []
+    for i, stage in enumerate(spec.stages or []):
+        where = f"{source} (stage {stage.name})"
+        experiment = resolve_experiment(spec.stage_file(i, pool), here, where, run_dir=run_dir_of(None, spec, here) / "stages" / stage.name)
+        here_ = get_executor(experiment.executor.kind).workers_here(experiment.executor)
+        plan, shape, workloads = plan_experiment(experiment, device_memory=device_memory, host_memory=host_memory, here=here_)
+        plan.notes.extend(f"'{name}' (promoted by stage {by}) planned with the shapes of '{stand_in}'"
+                          for name, by in promoted.items() if name in experiment.models)
+        stages.append({"stage": stage.name, **_report(where, "experiment", experiment.name, plan, shape, workloads)})
+        for target in stage.promote:
+            pool[target.name] = pool[stand_in]
+            promoted[target.name] = stage.name
+    return {"format": FORMAT, "file": str(path), "kind": "staged", "name": spec.name, "stages": stages,
+            "fits": all(s["fits"] for s in stages)}
 
 
 def _plan_recipe(path: Path, device_memory: int | None, host_memory: int | None) -> dict[str, Any]:
@@ -89,8 +119,14 @@ def count(n: int) -> str:
 
 
 def print_plan(report: dict[str, Any], console: Console | None = None) -> None:
-    """The plan as a table: each part, where it lives, its size; totals against what is available."""
+    """The plan as a table: each part, where it lives, its size; totals against what is available
+    (a staged experiment's: one such table per stage)."""
     console = console or Console(highlight=False, width=max(Console().width, 132))
+    if report["kind"] == "staged":
+        for stage in report["stages"]:
+            console.rule(f"stage {stage['stage']}")
+            print_plan(stage, console)
+        return
     on_cpu = report["device_bytes"] is None
     params = next(iter(report["models"].values()))["parameters"]
     console.print(f"[bold]{report['name']}[/bold] ({report['kind']} {report['file']}): one worker on "

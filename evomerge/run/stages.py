@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from evomerge.display import print_summary
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.experiment import (
     Experiment,
     ExperimentFile,
@@ -187,7 +187,7 @@ class StagedRun:
         missing = [name for name in stage.models or [] if name not in pool.models]
         if missing:
             raise StoreError(f"{self.root}: stage {stage.name} needs model '{missing[0]}', which is not in the pool yet")
-        spec = self.spec.stage_file(index, pool.models)
+        spec = self.spec.stage_file(index, pool.models, self.source)
         experiment = resolve_experiment(
             spec, self.here, f"{self.source} (stage {stage.name})", run_dir=self.stage_dir(stage.name), budget=self.budget, seed=self.seed
         )
@@ -229,13 +229,29 @@ def run_stages(
     for i, stage in enumerate(spec.stages or []):
         if stage.search_space is not None:
             data["stages"][i]["search_space"] = inline_space(stage.search_space, here, source)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    locked_before = (root / LOCK_NAME).exists()
     lock = RunLock.acquire(root)
     try:
         GrowingPool.create(root, data["models"], {n: {"written": spec.models[n], **r.record()} for n, r in sources.items()})
         record = {"format": FORMAT, "source": source, "here": str(here), "budget": budget, "seed": seed, "experiment": data}
         write_atomic(root / STAGES_FILE, yaml.safe_dump(record, sort_keys=False))
-        return _continue(StagedRun.load(root), progress=progress, ray_address=ray_address)
+        staged = StagedRun.load(root)
+        try:
+            return _continue(staged, progress=progress, ray_address=ray_address)
+        except EvomergeError:
+            if staged.state(staged.names[0]) == "pending":  # refused before its first stage began: leave nothing behind
+                for name in (STAGES_FILE, POOL_FILE):
+                    (root / name).unlink(missing_ok=True)
+                _remove_if_empty(staged.stage_dir(staged.names[0]))
+                for name in (STAGES_DIR, POOL_DIR):
+                    _remove_if_empty(root / name)
+                if created:
+                    _remove_if_empty(root)
+                elif not locked_before:
+                    (root / LOCK_NAME).unlink(missing_ok=True)
+            raise
     finally:
         lock.release()
 
@@ -253,7 +269,7 @@ def check_stages(spec: ExperimentFile, here: Path, source: str, models: Mapping[
         num_layers, tensors = opened.layer_map.num_layers, opened.parameter_order()
     pool: dict[str, str] = dict(models)
     for i, stage in enumerate(spec.stages or []):
-        part = spec.stage_file(i, pool)
+        part = spec.stage_file(i, pool, source)
         where = f"{source} (stage {stage.name})"
         space = build_space(inline_space(part.search_space, here, where), PoolInfo(part.models, part.base, num_layers, tensors), f"{where}: search_space")
         build_strategy(

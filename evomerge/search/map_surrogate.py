@@ -186,21 +186,21 @@ class MapSearch(Strategy):
             "full", description="full: squares, cross terms, linear, constant; diagonal: no cross terms (2d+1 coefficients)"
         )
         design_points: int | None = Field(
-            None, ge=1, description="evaluations before the first fit (corners included); null: 2 per coefficient"
+            None, ge=1, le=1_000_000, description="evaluations before the first fit (corners included); null: 2 per coefficient"
         )
         isotropic: float = Field(0.2, ge=0.0, le=1.0, description="share of the design's other points on the diagonal")
-        batch_size: int = Field(6, ge=1, description="proposals per refit")
+        batch_size: int = Field(6, ge=1, le=100_000, description="proposals per refit")
         acquisition: float = Field(
             0.5, ge=0.0, le=1.0, description=f"share of a batch drawn by bin acquisition (up to {MAX_ACQUISITION_GENES} genes)"
         )
         link: Literal["auto", "sigmoid", "identity"] = Field(
             "auto", description="auto: a sigmoid for objectives within [0, 1] (or [-1, 0]), else identity"
         )
-        population: int = Field(100, ge=4, description="NSGA-III population on the surrogates")
-        generations: int = Field(100, ge=1, description="NSGA-III generations on the surrogates")
+        population: int = Field(100, ge=4, le=100_000, description="NSGA-III population on the surrogates")
+        generations: int = Field(100, ge=1, le=100_000, description="NSGA-III generations on the surrogates")
         temperature: float = Field(0.07, gt=0.0, description="softmax temperature of the bin acquisition")
         std_weight: float = Field(0.5, ge=0.0, description="weight of the bootstrap std in a bin's score")
-        bootstrap: int = Field(30, ge=1, description="resamples of a bin's errors")
+        bootstrap: int = Field(30, ge=1, le=10_000, description="resamples of a bin's errors")
         drop: float = Field(0.2, ge=0.0, lt=1.0, description="share of a bin's points each resample leaves out")
         radius: tuple[float, float] = Field((0.2, 1.0), description="acquisition radius, as a fraction of the ray inside the box")
         min_distance: float = Field(

@@ -121,13 +121,13 @@ class NaturalNiches(Strategy):
     breeds = True
 
     class Settings(StrategySettings):
-        archive_size: int = Field(20, ge=2, description="members kept in the archive")
+        archive_size: int = Field(20, ge=2, le=100_000, description="members kept in the archive")
         alpha: float = Field(1.0, ge=0.0, description="competition exponent: z_j^alpha divides example j's score")
         attraction: bool = Field(True, description="choose parent B by attraction to A (else ∝ fitness)")
         split_point: bool = Field(True, description="crossover with a random split point (else one ratio everywhere)")
         crossover: bool = Field(True, description="make children by crossover (else a copy of parent A)")
         lag: int = Field(
-            0, ge=0, description="breed child t from the results of candidates before t - lag (seeds always count)"
+            0, ge=0, le=1_000_000, description="breed child t from the results of candidates before t - lag (seeds always count)"
         )
         seeds: list[str] = Field(
             default_factory=lambda: ["source"],

@@ -72,7 +72,7 @@ class OptunaSearch(Strategy):
             default_factory=dict, description="keyword arguments of the Optuna sampler (not seed)"
         )
         failure_value: float | None = Field(None, allow_inf_nan=False, description="objective for a failed candidate")
-        lag: int = Field(0, ge=0, description="trial t is sampled knowing the results of trials before t - lag only")
+        lag: int = Field(0, ge=0, le=1_000_000, description="trial t is sampled knowing the results of trials before t - lag only")
         references: list[ReferenceKind] | None = references_field()
 
     def __init__(self, layout: GenomeLayout | int, **kwargs: Any) -> None:

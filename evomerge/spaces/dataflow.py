@@ -55,13 +55,13 @@ class DataflowSpaceSpec(BaseModel):
 
     kind: Literal["dataflow"] = "dataflow"
     models: list[str] | None = Field(default=None, description="models whose layers form the slots, in order; default all")
-    repeats: int = Field(default=3, ge=1, description="r: the layers of all models are laid out r times")
+    repeats: int = Field(default=3, ge=1, le=64, description="r: the layers of all models are laid out r times")
     scaling: Literal["matrix", "slot", "none"] = "matrix"
     scale_range: tuple[float, float] = Field(default=(0.5, 2.0), description="(low, high), 0 < low < high")
     embeddings: str | None = Field(default=None, description="model of the embeddings, tokenizer, config; default the first")
     head: str | None = Field(default=None, description="model of the final norm and head; default the embeddings'")
     fixed_ends: bool = Field(default=False, description="the embeddings model's first and last layers open and close every path")
-    max_layers: int | None = Field(default=None, ge=1, description="a path with more hops is a failed candidate")
+    max_layers: int | None = Field(default=None, ge=1, le=100_000, description="a path with more hops is a failed candidate")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
 
     @model_validator(mode="after")
