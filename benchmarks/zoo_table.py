@@ -71,7 +71,8 @@ def score_recipe(merger: ResidentMerger, recipe: Recipe, setting: SettingEntry) 
     return {"validation": zoo_fitness.objective(val, "validation"), "test": test}
 
 
-def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int, space: Path) -> Recipe:
+def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int, space: Path,
+                     progress: bool = True) -> Recipe:
     """A quick evomerge run (CMA-ES, per-layer task arithmetic); returns its best recipe."""
     with tempfile.TemporaryDirectory(prefix="zoo-table-") as tmp:
         experiment = {
@@ -88,32 +89,51 @@ def per_layer_search(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: 
         path = Path(tmp) / "experiment.yaml"
         path.write_text(yaml.safe_dump(experiment, sort_keys=False))
         run = Path(tmp) / "run"
-        start_run(path, run_dir=run, progress=True)
+        start_run(path, run_dir=run, progress=progress)
         with RunStore.open_reader(run) as store:
             best = store.best()
             recipe = store.candidate(best.ticket).recipe
     return recipe_from_dict(recipe, "best per-layer recipe")
 
 
-def setting_table(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int, space: Path) -> list[dict]:
+def use_setting(zoo: Path, setting: SettingEntry) -> None:
+    """Point ``zoo_fitness`` (the per-layer searches' fitness, read from the environment) at a zoo and setting."""
+    os.environ["ZOO_TABLE_ZOO"] = str(zoo)
     os.environ["ZOO_TABLE_SETTING"] = setting.model_dump_json()
     zoo_fitness._zoo.cache_clear()
+    zoo_fitness.eval_set.cache_clear()
+
+
+def source_and_global_rows(zoo: Path, index: ZooIndex, setting: SettingEntry, merger: ResidentMerger,
+                           folders: dict[str, str], quiet: bool = False) -> list[dict]:
+    """The base and experts as they are, then every global merge, then the one with the best validation score."""
     rows = []
     for name in ("base", *setting.experts):
         scores = index.model(name).scores
         val = zoo_fitness.objective({t: scores[t]["validation"] for t in setting.tasks}, "validation")
         rows.append({"label": name, "kind": "source", "validation": val, "test": {t: scores[t]["test"] for t in setting.tasks}})
-    folders = {"base": str(zoo / "base"), **{e: str(zoo / index.model(e).folder) for e in setting.experts}}
+    globals_ = []
+    for label, body in global_recipes(setting, folders).items():
+        row = {"label": label, "kind": "global", **score_recipe(merger, recipe_from_dict(body, label), setting)}
+        rows.append(row)
+        globals_.append(row)
+        if not quiet:
+            print(f"  {setting.name:14s} {label:22s} val {_first(row['validation']):5.1f}  test {row['test']}", flush=True)
+    best_global = max(globals_, key=lambda r: _first(r["validation"]))
+    rows.append({**best_global, "label": f"best global ({best_global['label']})", "kind": "best global"})
+    return rows
+
+
+def setting_folders(zoo: Path, index: ZooIndex, setting: SettingEntry) -> dict[str, str]:
+    return {"base": str(zoo / "base"), **{e: str(zoo / index.model(e).folder) for e in setting.experts}}
+
+
+def setting_table(zoo: Path, index: ZooIndex, setting: SettingEntry, budget: int, seed: int, space: Path) -> list[dict]:
+    use_setting(zoo, setting)
+    folders = setting_folders(zoo, index, setting)
     with ModelPool.open(folders, "base") as pool:
         merger = ResidentMerger.load(pool, device="cpu")
-        globals_ = []
-        for label, body in global_recipes(setting, folders).items():
-            row = {"label": label, "kind": "global", **score_recipe(merger, recipe_from_dict(body, label), setting)}
-            rows.append(row)
-            globals_.append(row)
-            print(f"  {setting.name:14s} {label:22s} val {_first(row['validation']):5.1f}  test {row['test']}", flush=True)
-        best_global = max(globals_, key=lambda r: _first(r["validation"]))
-        rows.append({**best_global, "label": f"best global ({best_global['label']})", "kind": "best global"})
+        rows = source_and_global_rows(zoo, index, setting, merger, folders)
         started = time.perf_counter()
         recipe = per_layer_search(zoo, index, setting, budget, seed, space)
         row = score_recipe(merger, recipe, setting)
@@ -192,7 +212,6 @@ def main() -> None:
     zoo = Path(args.zoo).resolve()
     if not (zoo / "zoo.json").is_file():
         sys.exit(f"error: {zoo}: no zoo.json — build the zoo first with `evomerge zoo build --out {args.zoo}`")
-    os.environ["ZOO_TABLE_ZOO"] = str(zoo)
     index = ZooIndex.load(zoo / "zoo.json")
     wanted = None if args.settings is None else set(args.settings.split(","))
     settings = list(index.settings)
