@@ -55,7 +55,7 @@ class DataflowSpaceSpec(BaseModel):
 
     kind: Literal["dataflow"] = "dataflow"
     models: list[str] | None = Field(default=None, description="models whose layers form the slots, in order; default all")
-    repeats: int = Field(default=3, ge=1, le=64, description="r: the layers of all models are laid out r times")
+    repeats: int = Field(default=3, ge=1, le=1024, description="r: the layers of all models are laid out r times")
     scaling: Literal["matrix", "slot", "none"] = "matrix"
     scale_range: tuple[float, float] = Field(default=(0.5, 2.0), description="(low, high), 0 < low < high")
     embeddings: str | None = Field(default=None, description="model of the embeddings, tokenizer, config; default the first")
