@@ -18,6 +18,7 @@ a zoo). A few cases run ``python -m evomerge.cli`` to check the real exit code.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -189,16 +190,16 @@ def mutate(doc: Any, data: st.DataObject) -> str:
         kind = data.draw(st.sampled_from(kinds), label="kind")
         if not path:
             if kind in ("value", "swap"):
-                doc = data.draw(st.sampled_from(NASTY), label="root")
+                doc = copy.deepcopy(data.draw(st.sampled_from(NASTY), label="root"))
             continue
         parent, key = _parent(doc, path)
         old = parent[key]
         if kind == "delete":
             del parent[key]
         elif kind == "like":
-            parent[key] = data.draw(st.sampled_from(nasty_like(old)), label="value")
+            parent[key] = copy.deepcopy(data.draw(st.sampled_from(nasty_like(old)), label="value"))  # never a shared object
         elif kind == "value":
-            parent[key] = data.draw(st.sampled_from(NASTY), label="value")
+            parent[key] = copy.deepcopy(data.draw(st.sampled_from(NASTY), label="value"))
         elif kind == "swap":
             parent[key] = _swapped(old)
         elif kind == "unknown key" and isinstance(old, dict):

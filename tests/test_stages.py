@@ -229,7 +229,7 @@ def test_plan_of_a_staged_experiment_plans_every_stage_over_its_pool(experiment,
     assert (dfs["stage"], dfs["name"], sorted(dfs["models"])) == ("dfs", "staged-dfs", ["b", "ps"])
     # the promoted model does not exist yet: planned with the base's shapes, which a merge keeps
     assert dfs["models"]["ps"] == ps["models"]["base"]
-    assert dfs["notes"][-1] == "'ps' (promoted by stage ps) planned with the shapes of 'base'"
+    assert "ps: promoted by an earlier stage, planned with the layout of 'base'" in dfs["notes"]
     # the data-flow stage merges nothing: no operator caches, unlike the per-layer task arithmetic
     caches = {s["stage"]: next(p["bytes"] for p in s["parts"] if p["label"] == "operator caches") for s in (ps, dfs)}
     assert caches["ps"] > 0 and caches["dfs"] == 0
