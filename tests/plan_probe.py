@@ -5,18 +5,28 @@ run, the first one also telling the plan the operators), ``fitness`` (a fitness 
 ``executor`` settings (device, dtype, placement, cache_memory) and, for a layer-path search,
 ``blueprint: path`` with ``depth`` (its longest path); starts a ``Worker`` as an executor would,
 runs every blueprint as a job, and prints JSON: the peak resident set size of the process
-(``ru_maxrss``), its resident size after the imports, and the worker's plan.
+(``VmHWM``, this process image's own high-water mark: ``ru_maxrss`` would report the pytest
+parent's, which Linux carries across fork and exec), its resident size after the imports, and the
+worker's plan.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
+from pathlib import Path
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
+
+
+def high_water() -> int:
+    """Peak resident bytes of this process image (``VmHWM`` in /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss() -> int:
@@ -46,7 +56,7 @@ def main() -> None:
     worker = Worker.start(spec)
     started = rss()
     outcomes = [worker.run(Job(i, recipe_from_dict(dict(r), "probe"))) for i, r in enumerate(job["recipes"])]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water()
     print(json.dumps({
         "peak": peak,
         "imported": imported,
