@@ -60,17 +60,13 @@ def space_recipe(experiment: Experiment, shape: PoolShape) -> tuple[dict[str, An
     """(the recipe the experiment's space starts from, as data — None for spaces of blends or layer
     paths; the kind of blueprint it proposes; the most layers a candidate runs, None: the models'
     own). The space is built from the shapes, so models described by a config alone do."""
-    from evomerge.recipe import Recipe
+    from evomerge.runtime import initial_recipe
     from evomerge.spaces.base import PoolInfo, build_space, space_blueprint
 
     order = tuple((t.name, t.numel) for t in shape.tensors)
     space = build_space(experiment.search_space, PoolInfo(experiment.models, experiment.base, shape.num_layers, order),
                         f"{experiment.source}: search_space")
-    kind = space_blueprint(experiment.search_space)
-    if space.derives:
-        return None, kind, space.depth
-    blueprint = space.decode(space.initial_genome())
-    return (blueprint.model_dump(mode="json") if isinstance(blueprint, Recipe) else None), kind, space.depth
+    return initial_recipe(space), space_blueprint(experiment.search_space), space.depth
 
 
 def workloads_of(fitness: Any, shape: PoolShape) -> list[Workload]:
