@@ -46,6 +46,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 DEMO = REPO / "experiments" / "demo.yaml"
+GLOBAL_SPACE = REPO / "search_spaces" / "task-arithmetic-global.yaml"
 DEFAULT_SPEC = REPO / "evomerge" / "zoo" / "default.yaml"
 TIERS = ("default", "avx2", "avx512")
 TASKS = ("zoo_add_b", "zoo_add_a", "zoo_qa_b")
@@ -111,13 +112,14 @@ def _children_cpu() -> float:
 # -- jobs: each runs in a child process whose ATen kernel tier is the build's -------------------------
 
 
-def demo_job(spec: Path, zoo: Path, run_dir: Path) -> dict:
-    """The demo experiment, unchanged but for its zoo; its held-out rows (in %) and timings."""
+def demo_job(spec: Path, zoo: Path, run_dir: Path, space: Path | None = None) -> dict:
+    """The demo experiment, unchanged but for its zoo (and, for the global baseline, its search space);
+    its held-out rows (in %) and timings."""
     from evomerge.run import start_run
 
     data = yaml.safe_load(DEMO.read_text())
     data["zoo"] = {"spec": str(spec), "dir": str(zoo)}
-    data["search_space"] = str((DEMO.parent / data["search_space"]).resolve())
+    data["search_space"] = str(space or (DEMO.parent / data["search_space"]).resolve())
     data["fitness"]["include_path"] = str((DEMO.parent / data["fitness"]["include_path"]).resolve())
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     experiment = run_dir.parent / f"{run_dir.name}.yaml"
@@ -130,8 +132,11 @@ def demo_job(spec: Path, zoo: Path, run_dir: Path) -> dict:
 
 
 def multi_job(zoo: Path, budget: int) -> dict:
-    """Multi-skill: ``zoo_table``'s global grid and per-layer ``kept2`` search, scored on test."""
+    """Multi-skill, scored on test: ``zoo_table``'s global grid of the three experts, a per-layer CMA-ES
+    search on ``kept2`` over all three, and one on each pair of experts (its ``kept2`` is the pair's
+    weaker share), each best merge scored on all three tasks."""
     import zoo_table
+
     from evomerge.materialize import ResidentMerger
     from evomerge.pool import ModelPool
     from evomerge.zoo.index import ZooIndex
@@ -146,6 +151,12 @@ def multi_job(zoo: Path, budget: int) -> dict:
         rows = zoo_table.source_and_global_rows(zoo, index, setting, merger, folders, quiet=True)
         recipe = zoo_table.per_layer_search(zoo, index, setting, budget, 0, zoo_table.SPACE, progress=False)
         rows.append({"label": "best per-layer", "kind": "per-layer", **zoo_table.score_recipe(merger, recipe, setting)})
+        for pair in zoo_table.expert_pairs(setting):
+            zoo_table.use_setting(zoo, pair)
+            recipe = zoo_table.per_layer_search(zoo, index, pair, budget, 0, zoo_table.SPACE, progress=False)
+            merger.apply(recipe)
+            rows.append({"label": f"best per-layer {'+'.join(pair.experts)}", "kind": "pair per-layer",
+                         "test": zoo_table.zoo_fitness.scores(merger.model, "test", setting.tasks)})
     own = {t: index.model(e).scores[t]["test"] for e, t in zip(setting.experts, setting.tasks, strict=True)}
     return {"rows": rows, "own": own, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -175,16 +186,27 @@ def demo_numbers(demo: dict) -> dict[str, float]:
     return numbers
 
 
+USEFUL_PAIR, USEFUL_THREE = 50.0, 25.0
+
+
 def multi_numbers(multi: dict) -> dict[str, float]:
-    """Shares (in % of each expert's own test accuracy) the multi-skill merges keep."""
+    """Shares (in % of each expert's own test accuracy) the multi-skill merges keep, and their front.
+
+    The front is the Pareto front of every merge's three shares; a *useful* point on it keeps ≥ 50 %
+    of two experts or ≥ 25 % of all three."""
     own = multi["own"]
-    best: dict[str, float] = {}
-    for kind in ("global", "per-layer"):
-        shares = [sorted((100 * r["test"][t] / max(own[t], 1e-9) for t in own), reverse=True)
-                  for r in multi["rows"] if r["kind"] == kind]
-        best[f"{kind} pair kept"] = max(s[1] for s in shares)
-        best[f"{kind} three kept"] = max(s[2] for s in shares)
-    return best
+    merges = [r for r in multi["rows"] if r["kind"] in ("global", "per-layer", "pair per-layer")]
+    shares = [[100 * r["test"][t] / max(own[t], 1e-9) for t in own] for r in merges]
+    ranked = [sorted(s, reverse=True) for s in shares]
+    front = [s for s in shares if not any(all(o >= x for o, x in zip(other, s)) and other != s for other in shares)]
+    useful = [s for s in front if sorted(s)[1] >= USEFUL_PAIR or min(s) >= USEFUL_THREE]
+    numbers = {"pair kept": max(r[1] for r in ranked), "three kept": max(r[2] for r in ranked),
+               "front points": len(front), "useful front points": len(useful)}
+    for kind in ("global", "per-layer", "pair per-layer"):
+        kept = [r[1] for r, m in zip(ranked, merges, strict=True) if m["kind"] == kind]
+        if kept:
+            numbers[f"{kind} pair kept"] = max(kept)
+    return numbers
 
 
 def _stats(values: list[float]) -> str:
@@ -193,16 +215,25 @@ def _stats(values: list[float]) -> str:
 
 def table(results: dict) -> str:
     demos = {k: demo_numbers(v) for k, v in sorted(results.get("demo", {}).items())}
+    globals_ = results.get("global", {})
+    for k, n in demos.items():
+        if k in globals_:
+            n["global add_b"] = globals_[k]["rows"]["best merge"]["zoo_add_b"]
+            n["per-layer − global"] = n["merge add_b"] - n["global add_b"]
     lines: list[str] = []
     if demos:
-        cols = ["merge add_b", "skill add_b", "lang add_b", "margin add_b", "merge add_a", "merge qa_b",
-                "skill add_a", "lang qa_b", "search s"]
+        cols = ["merge add_b", "skill add_b", "lang add_b", "margin add_b", "global add_b", "per-layer − global",
+                "merge add_a", "merge qa_b", "skill add_a", "lang qa_b", "search s"]
+        cols = [c for c in cols if all(c in n for n in demos.values())]
         lines += ["| build (zoo seed / search kernels) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [f"| {k} | " + " | ".join(f"{n[c]:.1f}" for c in cols) + " |" for k, n in demos.items()]
         lines.append(f"| median (min–max) over {len(demos)} | " + " | ".join(_stats([n[c] for n in demos.values()]) for c in cols) + " |")
         margins = [n["margin add_b"] for n in demos.values()]
         lines += ["", f"best merge beats the better expert on zoo_add_b in {sum(m > 0 for m in margins)}/{len(margins)} builds, "
                       f"by ≥ {MARGIN:g} points in {sum(m >= MARGIN for m in margins)}/{len(margins)}"]
+        if "per-layer − global" in cols:
+            wins = sum(n["per-layer − global"] > 0 for n in demos.values())
+            lines.append(f"the per-layer search beats the best global merge (same search, global space) in {wins}/{len(demos)} builds")
         median = sorted(demos.values(), key=lambda n: n["merge add_b"])[(len(demos) - 1) // 2]
         lines += ["", "README demo table (median build by best merge's zoo_add_b; min–max over builds beside):",
                   "| model | zoo_add_b (test) | zoo_add_a | zoo_qa_b |", "|---|---|---|---|"]
@@ -212,11 +243,13 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     multis = {k: multi_numbers(v) for k, v in sorted(results.get("multi", {}).items())}
     if multis:
-        cols = list(next(iter(multis.values())))
+        cols = [c for c in next(iter(multis.values())) if all(c in n for n in multis.values())]
         lines += ["", "| multi-skill (kept share of own test accuracy, %) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [f"| {k} | " + " | ".join(f"{n[c]:.0f}" for c in cols) + " |" for k, n in multis.items()]
-        passed = sum(max(n["global pair kept"], n["per-layer pair kept"]) >= 50 for n in multis.values())
-        lines += ["", f"some merge keeps ≥ 50 % of two experts at once in {passed}/{len(multis)} zoo seeds"]
+        passed = sum(n["pair kept"] >= USEFUL_PAIR for n in multis.values())
+        fronts = sum(n["useful front points"] > 0 for n in multis.values())
+        lines += ["", f"some merge keeps ≥ 50 % of two experts at once in {passed}/{len(multis)} zoo seeds; "
+                      f"the three-expert front has useful points (≥ 50 % of two or ≥ 25 % of three) in {fronts}/{len(multis)}"]
     for key, cost in sorted(results.get("builds", {}).items()):
         lines.append(f"zoo build, {key}: {cost['cpu_seconds']:.0f} CPU s ({cost['wall_seconds']:.0f} s wall)")
     return "\n".join(lines) if lines else "no results yet"
@@ -240,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.job:
         kind, *rest = args.job
-        answer = demo_job(*map(Path, rest)) if kind == "demo" else multi_job(Path(rest[0]), int(rest[1]))
+        answer = demo_job(*map(Path, rest)) if kind in ("demo", "global") else multi_job(Path(rest[0]), int(rest[1]))
         Path(args.answer).write_text(json.dumps(answer))
         return
 
@@ -270,15 +303,17 @@ def main() -> None:
     print(f"{len(cells)} builds, results in {results_file}", flush=True)
     for s, t in cells:
         key = f"seed {s} / {t}"
-        if key in results.get("demo", {}):
-            continue
-        name = f"demo-seed{s}-{t}"
-        demo = _child(["demo", str(specs[s]), str(zoos[s].resolve()), str(out / "runs" / name)], t, logs / f"{name}.log")
-        results.setdefault("demo", {})[key] = {**demo, "zoo": str(zoos[s]), "seed": s, "kernels": t}
-        results_file.write_text(json.dumps(results, indent=1))
-        n = demo_numbers(demo)
-        print(f"  {key}: best merge {n['merge add_b']:.1f} on zoo_add_b, experts {n['skill add_b']:.1f} / {n['lang add_b']:.1f} "
-              f"({n['search s']:.0f} s; {time.perf_counter() - started:.0f} s elapsed)", flush=True)
+        for kind, space in (("demo", []), ("global", [str(GLOBAL_SPACE)])):
+            if key in results.get(kind, {}):
+                continue
+            name = f"{kind}-seed{s}-{t}"
+            run = _child([kind, str(specs[s]), str(zoos[s].resolve()), str(out / "runs" / name), *space], t, logs / f"{name}.log")
+            results.setdefault(kind, {})[key] = {**run, "zoo": str(zoos[s]), "seed": s, "kernels": t}
+            results_file.write_text(json.dumps(results, indent=1))
+            n = demo_numbers(run)
+            print(f"  {key}, {'per-layer' if kind == 'demo' else 'global'} search: best merge {n['merge add_b']:.1f} on zoo_add_b, "
+                  f"experts {n['skill add_b']:.1f} / {n['lang add_b']:.1f} ({n['search s']:.0f} s; "
+                  f"{time.perf_counter() - started:.0f} s elapsed)", flush=True)
     for s in seeds if args.multi else ():
         key = f"seed {s} / {top}"
         if key in results.get("multi", {}):

@@ -18,6 +18,7 @@ from evomerge.errors import ConfigError
 from evomerge.zoo import build as build_mod
 from evomerge.zoo.build import build_zoo
 from evomerge.zoo.corpus import base_sequence, task_sequence
+from evomerge.zoo.experts import ExpertTrainingError
 from evomerge.zoo.fitness_files import write_fitness
 from evomerge.zoo.index import ZooIndex
 from evomerge.zoo.languages import (
@@ -315,3 +316,33 @@ def test_portable_build_uses_pinned_kernels_whatever_the_callers(tmp_path: Path,
         build_zoo(tiny_spec(kernels="portable"), tmp_path / f"portable-{caller}")
         portable = load_file(tmp_path / f"portable-{caller}/skill/model.safetensors")
         assert all(torch.equal(pinned[k], portable[k]) for k in pinned), caller
+
+
+def test_experts_trained_side_by_side_equal_one_process_and_workers_leave_the_hash(tmp_path: Path) -> None:
+    one = build_zoo(tiny_spec(workers=1), tmp_path / "one")
+    two = build_zoo(tiny_spec(workers=2, kernels="portable"), tmp_path / "two-portable")
+    assert spec_hash(parse_spec(tiny_spec(workers=1))) == spec_hash(parse_spec(tiny_spec(workers=2)))
+    both = build_zoo(tiny_spec(workers=2), tmp_path / "two")
+    assert [m.scores for m in both.models] == [m.scores for m in one.models]
+    for name in ("base", "skill", "lang"):
+        a = load_file(tmp_path / "one" / name / "model.safetensors")
+        b = load_file(tmp_path / "two" / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    trained = {m.name: m for m in both.models if m.role == "expert"}
+    assert {n: m.train_steps for n, m in trained.items()} == {"skill": 2, "lang": 2}
+    assert all(m.final_loss > 0 for m in trained.values())
+    # teeth: the experts differ from the base and from each other, and the portable side-by-side build ran
+    skill = load_file(tmp_path / "two" / "skill" / "model.safetensors")
+    lang = load_file(tmp_path / "two" / "lang" / "model.safetensors")
+    assert any(not torch.equal(skill[k], lang[k]) for k in skill)
+    assert (tmp_path / "two-portable" / "zoo.json").is_file() and len(two.models) == 3
+
+
+def test_a_failing_expert_worker_is_one_error_naming_the_expert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = tmp_path / "python-that-fails"
+    worker.write_text("#!/bin/sh\nexit 3\n")
+    worker.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(worker))  # what the build starts its expert workers with
+    with pytest.raises(ExpertTrainingError, match=r"^zoo build: the process training expert '(skill|lang)' failed \(exit code 3\)"):
+        build_zoo(tiny_spec(workers=2), tmp_path / "zoo")
+    assert not (tmp_path / "zoo" / "zoo.json").exists()

@@ -12,11 +12,8 @@ x86-64 CPU has (``evomerge.zoo.portable``), so the zoo's weights do not depend o
 
 from __future__ import annotations
 
-import copy
-import random
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +27,8 @@ from rich.progress import (
 )
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge.zoo.corpus import Sequence, base_sequence, task_sequence
+from evomerge.zoo.corpus import base_sequence
+from evomerge.zoo.experts import train_config, train_experts
 from evomerge.zoo.fitness_files import write_fitness
 from evomerge.zoo.folder import (
     BUILD_MARKER,
@@ -40,14 +38,20 @@ from evomerge.zoo.folder import (
     check_buildable,
 )
 from evomerge.zoo.index import ModelEntry, SettingEntry, TaskEntry, ZooIndex
-from evomerge.zoo.model import build_base_model, freeze_embeddings, llama_config
+from evomerge.zoo.model import build_base_model, llama_config
 from evomerge.zoo.model_card import model_card
 from evomerge.zoo.portable import build_in_child
 from evomerge.zoo.quick_eval import accuracy
-from evomerge.zoo.spec import BaseSpec, ExpertSpec, ZooSpec, load_spec, parse_spec, spec_hash
+from evomerge.zoo.spec import (
+    ExpertSpec,
+    ZooSpec,
+    load_spec,
+    parse_spec,
+    spec_hash,
+)
 from evomerge.zoo.tasks import Example, task
 from evomerge.zoo.tokenizer import build_tokenizer
-from evomerge.zoo.train import TrainConfig, TrainStats, train
+from evomerge.zoo.train import TrainStats, train
 
 
 def build_zoo(spec_path: str | Path | ZooSpec | dict, out_dir: str | Path, *, force: bool = False) -> ZooIndex:
@@ -93,19 +97,6 @@ def _progress() -> Progress:
     )
 
 
-def _train_cfg(run: BaseSpec | ExpertSpec, seed: int) -> TrainConfig:
-    return TrainConfig(run.steps, run.lr, run.batch_size, run.warmup, run.weight_decay, seed)
-
-
-def _expert_sampler(spec: ZooSpec, expert: ExpertSpec) -> Callable[[random.Random], Sequence]:
-    def sample(rng: random.Random) -> Sequence:
-        if rng.random() < expert.replay:
-            return base_sequence(rng, spec.max_operand, spec.base.mixture, spec.base.codeswitch_prob)
-        return task_sequence(rng, rng.choice(expert.tasks), spec.max_operand)
-
-    return sample
-
-
 def _eval_sets(spec: ZooSpec) -> dict[tuple[str, str], list[Example]]:
     """Every task's validation and test examples (deterministic in the spec)."""
     return {
@@ -139,19 +130,13 @@ def build_here(spec: ZooSpec, key: str, out: Path, eval_sets: dict[tuple[str, st
         stats = train(
             base,
             lambda rng: base_sequence(rng, spec.max_operand, mix, spec.base.codeswitch_prob),
-            _train_cfg(spec.base, spec.seed),
+            train_config(spec.base, spec.seed),
             label="base",
             progress=progress,
         )
         mixture = ", ".join(f"{k} {w:g}" for k, w in mix.items() if w > 0)
         models.append(("base", "base", f"pretraining mixture ({mixture})", base, stats))
-        for expert in spec.experts:
-            model = copy.deepcopy(base)
-            freeze_embeddings(model)
-            stats = train(
-                model, _expert_sampler(spec, expert), _train_cfg(expert, spec.seed),
-                label=expert.name, progress=progress,
-            )
+        for expert, model, stats in train_experts(spec, base, progress):
             what = " + ".join(expert.tasks)
             models.append((expert.name, "expert", f"{what} (+ {expert.replay:g} replay of the base mixture)", model, stats))
         bar = progress.add_task("scoring", total=len(models) * len(eval_sets), loss=float("nan"), tps=0.0)

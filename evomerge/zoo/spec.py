@@ -131,6 +131,11 @@ class ZooSpec(_Strict):
 
     seed: int = Field(0, ge=0, le=MAX_SEED)
     threads: int = Field(2, ge=1, le=256)
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="processes that fine-tune the experts side by side once the base is trained (each with "
+        "`threads` threads); the weights do not depend on it, so it is not part of the spec's hash",
+    )
     kernels: Literal["portable", "native"] = Field(
         "portable",
         description="portable: train in a child process on float kernels every x86-64 CPU has, so the weights "
@@ -195,5 +200,5 @@ def load_spec(path: str | Path) -> ZooSpec:
 
 def spec_hash(spec: ZooSpec) -> str:
     """The cache key of a spec: a hash of its canonical JSON and the zoo format version."""
-    canon = json.dumps({"format": ZOO_FORMAT, "spec": spec.model_dump(mode="json")}, sort_keys=True)
+    canon = json.dumps({"format": ZOO_FORMAT, "spec": spec.model_dump(mode="json", exclude={"workers"})}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
