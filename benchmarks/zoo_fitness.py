@@ -2,7 +2,7 @@
 
 The zoo folder and the merge setting (a ``SettingEntry`` as JSON) come from ``ZOO_TABLE_ZOO`` /
 ``ZOO_TABLE_SETTING`` (set by ``zoo_table.py``), because an experiment names a fitness function, not
-its arguments. The objective
+its arguments; ``ZOO_TABLE_VALIDATION_LIMIT`` scores merges on the first N validation questions only. The objective
 of a setting with a target task is the target's accuracy; of a setting without one, ``kept2``: the
 share of its own accuracy that the second-best-kept expert keeps (≥ 50 ⇔ some pair keeps half each).
 """
@@ -32,6 +32,8 @@ def eval_set(name: str, split: str) -> list[Example]:
     folder, _, _ = _zoo()
     spec = load_spec(folder / "zoo.yaml")
     n = spec.eval.n_validation if split == "validation" else spec.eval.n_test
+    if split == "validation" and os.environ.get("ZOO_TABLE_VALIDATION_LIMIT"):
+        n = min(n, int(os.environ["ZOO_TABLE_VALIDATION_LIMIT"]))
     return task(name).eval_set(split, n, spec.max_operand, spec.eval.seed)
 
 

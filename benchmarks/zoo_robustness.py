@@ -6,15 +6,20 @@ on the tier (portable builds train on pinned kernels, ``tests/test_zoo.py``), so
 built once; what the tier changes is the search: every candidate's forward pass, hence the scores
 CMA-ES sees and the merge it keeps. For each build, in a process on that tier, the demo runs as
 ``bash .ci/demo`` runs it (``experiments/demo.yaml`` unchanged — CMA-ES, per-layer task arithmetic,
-100 validation questions, 150 evaluations — but for its zoo), and its held-out table is recorded.
+100 validation questions, 150 evaluations — but for its zoo), and so does the same search over
+global weights (``search_spaces/task-arithmetic-global.yaml``: one weight per expert), the best
+global merge the per-layer search has to beat; both held-out tables are recorded.
 
 Per seed (``--multi``, on the CPU's own tier): the multi-skill setting (``skill_add_a`` + ``lang_qa_b``
-+ ``sort_a``) — ``zoo_table.py``'s global grid and its per-layer CMA-ES search on ``kept2`` (the share
-of its own accuracy the second-best-kept expert keeps) — and whether some merge keeps ≥ 50 % of two
-experts at once.
++ ``sort_a``) — ``zoo_table.py``'s global grid, a per-layer CMA-ES search on ``kept2`` (the share of
+its own accuracy the second-best-kept expert keeps) over the three experts and one over each pair,
+selected on 100 validation questions per task (``--multi-limit``), scored on test — whether some
+merge keeps ≥ 50 % of two experts at once, and the three-expert front of all those merges (a point
+is useful if it keeps ≥ 50 % of two experts or ≥ 25 % of all three). ``--skip-demo --multi`` runs
+only that, e.g. in a second process with its own ``--out`` beside a demo run.
 
     EVOMERGE_ZOO=.cache/zoo python benchmarks/zoo_robustness.py [--seeds 0,1,2] [--kernels avx512,default,avx2]
-        [--zoo 1=/work/zoo/seed1 ...] [--multi] [--out .cache/robustness] [--table]
+        [--zoo 1=/work/zoo/seed1 ...] [--multi [--skip-demo]] [--out .cache/robustness] [--table]
 
 Seed 0's zoo is ``$EVOMERGE_ZOO`` (else ``.cache/zoo``); seed N's is ``OUT/zoos/seedN`` unless
 ``--zoo N=DIR`` names it. A missing zoo is built (portable, ``--spec`` with that seed); an
@@ -131,7 +136,7 @@ def demo_job(spec: Path, zoo: Path, run_dir: Path, space: Path | None = None) ->
             "best_validation": 100 * summary["best"]["objectives"]["fitness"], "seconds": round(time.perf_counter() - started, 1)}
 
 
-def multi_job(zoo: Path, budget: int) -> dict:
+def multi_job(zoo: Path, budget: int, limit: int) -> dict:
     """Multi-skill, scored on test: ``zoo_table``'s global grid of the three experts, a per-layer CMA-ES
     search on ``kept2`` over all three, and one on each pair of experts (its ``kept2`` is the pair's
     weaker share), each best merge scored on all three tasks."""
@@ -143,6 +148,7 @@ def multi_job(zoo: Path, budget: int) -> dict:
 
     index = ZooIndex.load(zoo / "zoo.json")
     setting = next(s for s in index.settings if s.target is None)
+    os.environ["ZOO_TABLE_VALIDATION_LIMIT"] = str(limit)
     zoo_table.use_setting(zoo, setting)
     folders = zoo_table.setting_folders(zoo, index, setting)
     started = time.perf_counter()
@@ -265,7 +271,9 @@ def main() -> None:
     parser.add_argument("--zoo", action="append", default=[], metavar="SEED=DIR", help="the zoo folder of a seed (repeatable)")
     parser.add_argument("--spec", default=str(DEFAULT_SPEC), help="zoo spec whose seed is varied (default: the bundled one)")
     parser.add_argument("--multi", action="store_true", help="also the multi-skill check, once per seed, after the demo builds")
-    parser.add_argument("--multi-budget", type=int, default=150, help="evaluations of the multi-skill per-layer search")
+    parser.add_argument("--multi-budget", type=int, default=150, help="evaluations of each multi-skill per-layer search")
+    parser.add_argument("--multi-limit", type=int, default=100, help="validation questions per task the multi-skill merges are selected on")
+    parser.add_argument("--skip-demo", action="store_true", help="run only the multi-skill check (with --multi), e.g. beside a demo-only run")
     parser.add_argument("--out", default=str(REPO / ".cache" / "robustness"), help="folder for seeded specs, zoos, runs and results")
     parser.add_argument("--table", action="store_true", help="only print the table of the results recorded so far")
     parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)
@@ -273,7 +281,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.job:
         kind, *rest = args.job
-        answer = demo_job(*map(Path, rest)) if kind in ("demo", "global") else multi_job(Path(rest[0]), int(rest[1]))
+        answer = demo_job(*map(Path, rest)) if kind in ("demo", "global") else multi_job(Path(rest[0]), int(rest[1]), int(rest[2]))
         Path(args.answer).write_text(json.dumps(answer))
         return
 
@@ -301,7 +309,7 @@ def main() -> None:
     started = time.perf_counter()
     cells = [(s, t) for t in tiers for s in seeds]
     print(f"{len(cells)} builds, results in {results_file}", flush=True)
-    for s, t in cells:
+    for s, t in [] if args.skip_demo else cells:
         key = f"seed {s} / {t}"
         for kind, space in (("demo", []), ("global", [str(GLOBAL_SPACE)])):
             if key in results.get(kind, {}):
@@ -318,7 +326,7 @@ def main() -> None:
         key = f"seed {s} / {top}"
         if key in results.get("multi", {}):
             continue
-        multi = _child(["multi", str(zoos[s].resolve()), str(args.multi_budget)], top, logs / f"multi-seed{s}.log")
+        multi = _child(["multi", str(zoos[s].resolve()), str(args.multi_budget), str(args.multi_limit)], top, logs / f"multi-seed{s}.log")
         results.setdefault("multi", {})[key] = multi
         results_file.write_text(json.dumps(results, indent=1))
         print(f"  multi-skill {key}: {multi_numbers(multi)} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)

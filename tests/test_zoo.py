@@ -111,6 +111,35 @@ def test_generators_are_seeded_and_base_mixture_has_no_answered_b_or_addition() 
     assert ex.loss == [False] * (k + 1) + [True] * (len(ex.tokens) - k - 1)
 
 
+def test_easy_skills_in_the_base_are_one_digit_additions_and_three_digit_sorts_of_training_items() -> None:
+    mix = {**MIX, "add1_a": 0.2, "sort3_a": 0.2}
+    rng = random.Random(0)
+    answered: dict[str, int] = {}
+    for _ in range(3000):
+        seq = base_sequence(rng, 99, mix, 0.35)
+        if ANS not in seq.tokens:
+            continue
+        k = seq.tokens.index(ANS)
+        prompt, answer = seq.tokens[:k], seq.tokens[k + 1:]
+        assert not set(DIGITS_B) & set(seq.tokens) and all(seq.loss)  # never answered in B
+        kind = prompt[0] if prompt[0] == "sort" else "plus" if "plus" in prompt else "qa"
+        answered[kind] = answered.get(kind, 0) + 1
+        if kind == "plus":
+            a, b = prompt[2:prompt.index("plus")], prompt[prompt.index("plus") + 1:-1]
+            assert len(a) == len(b) == 1 and answer == list(str(int(a[0]) + int(b[0])))
+        if kind == "sort":
+            assert len(prompt) == 5 and answer == sorted(prompt[1:4])
+    assert min(answered.values()) > 300 and set(answered) == {"plus", "sort", "qa"}
+    # the easy families share their parent's splits: no held-out add/sort question is an easy training one
+    rng = random.Random(1)
+    for name, parent in (("add1_a", "add"), ("sort3_a", "sort")):
+        items = {task(name).draw(rng, 99, "train").item for _ in range(500)}
+        assert all(split_of(parent, item) == "train" for item in items)
+        held_out = {ex.item for split in ("validation", "test") for ex in task(f"{parent}_a").eval_set(split, 300, 99, 0)}
+        assert not items & held_out
+    assert all(split_of("add", ex.item) == "test" for ex in task("add1_a").eval_set("test", 5, 99, 0))
+
+
 def test_aligned_embeddings_shift_every_b_token_by_one_offset() -> None:
     emb = aligned_embeddings(len(vocabulary()), 16, std=0.1, offset_norm=0.5, generator=torch.Generator().manual_seed(0))
     v = vocabulary()

@@ -1,10 +1,15 @@
-"""The base model's pretraining mixture: bilingual text, translation, code-switching, A-only QA.
+"""The base model's pretraining mixture: bilingual text, translation, code-switching, answered A questions.
 
 The base must read and write both languages equally well (so a skill learned in A can be carried
-to B), yet never see an *answered* question in B or an answered addition in either language: those
-abilities are what the experts add, and what a merge has to combine. Questions of every kind do
-appear as plain text in both languages, without answers, as a pretrained LLM sees questions in
-text. Only training-split items are used, so held-out questions never appear, even unanswered.
+to B), yet never see an *answered* question in B: answering in B is what the language expert adds.
+Questions of every kind appear as plain text in both languages, without answers, as a pretrained
+LLM sees questions in text. Answered questions come from the task sources of the mixture (any task
+name, e.g. ``qa_a``; trained on every token). The default zoo's base answers its own skill
+(``qa_a``) and the *easy* versions of the experts' skills — one-digit additions (``add1_a``), sorts
+of three digits (``sort3_a``) — as a pretrained LLM knows a little of every skill a fine-tune
+sharpens. Experts that only sharpen a skill the base has stay compatible: replaying the base mixture
+keeps each expert's hold on the other skills, so their task vectors merge (issue 13's measurements).
+Only training-split items are used, so held-out questions never appear, even unanswered.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from evomerge.zoo.languages import (
     number,
     to_lang,
 )
-from evomerge.zoo.tasks import FAMILIES, task
+from evomerge.zoo.tasks import FAMILIES, PRIMARY_FAMILIES, TASK_NAMES, task
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ def _statement(rng: random.Random, max_operand: int) -> list[str]:
 
 
 def _question(rng: random.Random, max_operand: int) -> list[str]:
-    family = FAMILIES[rng.choice(tuple(FAMILIES))]
+    family = FAMILIES[rng.choice(PRIMARY_FAMILIES)]
     return task(f"{family.name}_a").draw(rng, max_operand, "train").prompt
 
 
@@ -100,9 +105,9 @@ def codeswitch(rng: random.Random, max_operand: int, prob: float) -> Sequence:
     return Sequence(toks, [True] * len(toks))
 
 
-def qa_a(rng: random.Random, max_operand: int) -> Sequence:
-    """An answered A question of the base's own skill (after/before/bigger), trained on all tokens."""
-    ex = task("qa_a").draw(rng, max_operand, "train")
+def answered(rng: random.Random, task_name: str, max_operand: int) -> Sequence:
+    """An answered training question of a task, trained on all tokens (a base mixture source)."""
+    ex = task(task_name).draw(rng, max_operand, "train")
     toks = [*ex.prompt, ANS, *ex.answer]
     return Sequence(toks, [True] * len(toks))
 
@@ -119,12 +124,13 @@ def base_sequence(
         return monolingual(rng, max_operand)
     if kind == "codeswitch":
         return codeswitch(rng, max_operand, codeswitch_prob)
-    if kind == "qa_a":
-        return qa_a(rng, max_operand)
+    if kind in TASK_NAMES:
+        return answered(rng, kind, max_operand)
     raise ValueError(f"unknown base mixture source {kind!r}")
 
 
-MIXTURE_SOURCES: tuple[str, ...] = ("translation", "monolingual", "codeswitch", "qa_a")
+TEXT_SOURCES: tuple[str, ...] = ("translation", "monolingual", "codeswitch")
+MIXTURE_SOURCES: tuple[str, ...] = (*TEXT_SOURCES, *TASK_NAMES)
 
 
 def task_sequence(rng: random.Random, task_name: str, max_operand: int) -> Sequence:

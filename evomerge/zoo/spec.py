@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError
 from evomerge.validation import read_yaml
-from evomerge.zoo.corpus import MIXTURE_SOURCES
+from evomerge.zoo.corpus import MIXTURE_SOURCES, TEXT_SOURCES
 from evomerge.zoo.tasks import TASK_NAMES
 
 ZOO_FORMAT = 2
@@ -69,7 +69,8 @@ class BaseSpec(TrainSpec):
     def _known_sources(cls, v: dict[str, float]) -> dict[str, float]:
         for k, w in v.items():
             if k not in MIXTURE_SOURCES:
-                raise ValueError(f"unknown source {k!r}; expected one of {', '.join(MIXTURE_SOURCES)}")
+                raise ValueError(f"unknown source {k!r}; expected one of {', '.join(TEXT_SOURCES)} or a task name "
+                                 f"({', '.join(TASK_NAMES)})")
             if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"weight of {k!r} must be a number >= 0, got {w}")
         if not any(w > 0 for w in v.values()):

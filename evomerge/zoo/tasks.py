@@ -75,9 +75,19 @@ def _qa_render(item: Item) -> tuple[list[str], list[str]]:
     return ["what", "is", "the", "bigger", "of", *number(x), "and", *number(y), "?"], number(max(x, y))
 
 
+def _add1(rng: random.Random, max_operand: int) -> Item:
+    del max_operand
+    return (rng.randint(0, 9), rng.randint(0, 9))
+
+
 def _digits(rng: random.Random, max_operand: int) -> Item:
     del max_operand
     return tuple(rng.randrange(10) for _ in range(rng.randint(3, 6)))
+
+
+def _digits3(rng: random.Random, max_operand: int) -> Item:
+    del max_operand
+    return tuple(rng.randrange(10) for _ in range(3))
 
 
 def _digit_tokens(ds: Item) -> list[str]:
@@ -94,12 +104,23 @@ def _sort_render(item: Item) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True)
 class Family:
-    """A skill independent of language: how to draw an item and render it in A tokens."""
+    """A skill independent of language: how to draw an item and render it in A tokens.
+
+    ``part_of`` names the family whose items this one draws a subset of (``add1``: the one-digit
+    additions of ``add``); it shares that family's splits, so a held-out ``add`` question is never a
+    training ``add1`` question.
+    """
 
     name: str
     draw: Callable[[random.Random, int], Item]
     render: Callable[[Item], tuple[list[str], list[str]]]
     description: str
+    part_of: str | None = None
+
+    @property
+    def split_name(self) -> str:
+        """The family whose item hash decides this family's splits."""
+        return self.part_of or self.name
 
 
 FAMILIES: dict[str, Family] = {
@@ -107,7 +128,11 @@ FAMILIES: dict[str, Family] = {
     "qa": Family("qa", _qa, _qa_render, "the number after / before a number, the bigger of two numbers"),
     "rev": Family("rev", _digits, _rev_render, "reverse a list of 3-6 digits"),
     "sort": Family("sort", _digits, _sort_render, "sort a list of 3-6 digits"),
+    "add1": Family("add1", _add1, _add_render, "addition of two one-digit numbers", part_of="add"),
+    "sort3": Family("sort3", _digits3, _sort_render, "sort a list of 3 digits", part_of="sort"),
 }
+PRIMARY_FAMILIES: tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.part_of is None)
+"""The families that are not easy subsets of another: the questions of the base's plain text."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +155,7 @@ class Task:
         """One example whose item lies in ``split`` (rejection sampling from the family's generator)."""
         while True:
             item = self.family.draw(rng, max_operand)
-            if split_of(self.family.name, item) == split:
+            if split_of(self.family.split_name, item) == split:
                 return self.render(item)
 
     def eval_set(self, split: Split, n: int, max_operand: int, seed: int) -> list[Example]:
@@ -149,7 +174,7 @@ class Task:
                     f"lower eval.n_{split} or raise max_operand"
                 )
             item = self.family.draw(rng, max_operand)
-            if item in seen or split_of(self.family.name, item) != split:
+            if item in seen or split_of(self.family.split_name, item) != split:
                 continue
             seen.add(item)
             out.append(self.render(item))
