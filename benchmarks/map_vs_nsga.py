@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,10 @@ def main() -> None:
             run = out / f"{strategy}-{seed}"
             if not (run / "summary.json").exists():
                 start_run(path, run_dir=run, budget=max(marks), seed=seed, progress=False, overwrite=True)
+            done = json.loads((run / "summary.json").read_text())["evaluations"]
+            if done < max(marks):  # a shorter earlier run would repeat its last front at the larger marks
+                sys.exit(f"error: {run}: an earlier run of {done} evaluations, fewer than the largest mark "
+                         f"{max(marks)}; choose another --out")
             runs[strategy, seed] = run
             print(f"ran {strategy} seed {seed}", flush=True)
 
