@@ -5,15 +5,13 @@ and ends exactly as an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from staged_runs import killed, records
 
 from evomerge import cli
 from evomerge.errors import ConfigError
@@ -142,39 +140,15 @@ def test_nested_map_merges_the_closest_pair_first_and_grows_the_pool(experiment,
     assert json.loads((tmp_path / "pick" / "config.json").read_text())["model_type"] == "llama"
 
 
-def records(stage: Path) -> tuple[list, list]:
-    with RunStore.open_reader(stage) as store:
-        candidates = [(c.ticket, {k: v for k, v in c.recipe.items() if k != "models"}) for c in store.candidates()]
-        results = [(r.ticket, r.ok, repr(r.evaluation.objectives.tolist())) for r in store.results("validation")]
-    return candidates, results
-
-
-def _child(path: str, run: str, resume: bool, kill_at: int) -> None:
-    os.environ["NESTED_TEST_KILL_AT"] = str(kill_at)
-    os.environ["NESTED_TEST_CALLS"] = "0"
-    torch.set_num_threads(1)
-    if resume:
-        resume_run(run, progress=False)
-    else:
-        start_run(path, run_dir=run, progress=False)
-
-
-def _killed(path: Path, run: Path, *, resume: bool, kill_at: int) -> bool:
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(str(path), str(run), resume, kill_at))
-    process.start()
-    process.join(180)
-    return process.exitcode == -signal.SIGKILL
-
-
 def test_a_nested_run_killed_inside_a_merge_resumes_exactly(experiment, tmp_path):
     path = experiment()
     start_run(path, run_dir=tmp_path / "reference", progress=False)
     run = tmp_path / "killed"
-    assert _killed(path, run, resume=False, kill_at=SOURCES_CALLS + 4)  # inside merge1
+    assert killed(path, run, prefix="NESTED_TEST_", resume=False, kill_at=SOURCES_CALLS + 4)  # inside merge1
     status = run_status(run)
     assert status["staged"]["stage"] == "merge1" and not status["done"]
     assert [s["name"] for s in status["staged"]["stages"]] == ["sources", "merge1"]  # merge2 is not planned yet
-    assert _killed(path, run, resume=True, kill_at=MERGE_CALLS - 4 + 3)  # merge1 ends, merge2 is planned and cut
+    assert killed(path, run, prefix="NESTED_TEST_", resume=True, kill_at=MERGE_CALLS - 4 + 3)  # merge1 ends, merge2 is planned and cut
     status = run_status(run)
     assert status["staged"]["stage"] == "merge2" and [s["state"] for s in status["staged"]["stages"]] == ["done", "done", "started"]
     summary = resume_run(run, progress=False)

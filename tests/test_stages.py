@@ -5,15 +5,13 @@ staged run ends with exactly the candidates, results and promoted model of an un
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from staged_runs import killed, records
 
 from evomerge import cli
 from evomerge.errors import ConfigError
@@ -93,31 +91,6 @@ def experiment(tmp_path, family, monkeypatch):
     return make
 
 
-def records(stage: Path) -> tuple[list, list]:
-    """Candidates (their recipes but the model folders, which name the run directory) and results."""
-    with RunStore.open_reader(stage) as store:
-        candidates = [(c.ticket, {k: v for k, v in c.recipe.items() if k != "models"}) for c in store.candidates()]
-        results = [(r.ticket, r.ok, repr(r.evaluation.objectives.tolist()), r.error) for r in store.results("validation")]
-    return candidates, results
-
-
-def _child(path: str, run: str, resume: bool, kill_at: int) -> None:
-    os.environ["STAGES_TEST_KILL_AT"] = str(kill_at)
-    os.environ["STAGES_TEST_CALLS"] = "0"
-    torch.set_num_threads(1)
-    if resume:
-        resume_run(run, progress=False)
-    else:
-        start_run(path, run_dir=run, progress=False)
-
-
-def _killed(path: Path, run: Path, *, resume: bool, kill_at: int) -> bool:
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(str(path), str(run), resume, kill_at))
-    process.start()
-    process.join(120)
-    return process.exitcode == -signal.SIGKILL
-
-
 def test_ps_then_dfs_promotes_the_best_into_the_pool_and_compares_everything(experiment, tmp_path):
     run = tmp_path / "run"
     summary = start_run(experiment(), run_dir=run, progress=False)
@@ -146,9 +119,9 @@ def test_a_staged_run_killed_inside_a_stage_resumes_exactly(experiment, tmp_path
     path = experiment()
     start_run(path, run_dir=tmp_path / "reference", progress=False)
     run = tmp_path / "killed"
-    assert _killed(path, run, resume=False, kill_at=3)  # inside the first stage
+    assert killed(path, run, prefix="STAGES_TEST_", resume=False, kill_at=3)  # inside the first stage
     assert run_status(run)["staged"]["stage"] == "ps" and not (run / "pool.json").read_text().count('"ps"')
-    assert _killed(path, run, resume=True, kill_at=PS_CALLS - 3 + 3)  # the first stage ends, the second starts
+    assert killed(path, run, prefix="STAGES_TEST_", resume=True, kill_at=PS_CALLS - 3 + 3)  # the first stage ends, the second starts
     status = run_status(run)
     assert status["staged"]["stage"] == "dfs" and status["staged"]["stage_index"] == 1 and not status["done"]
     assert [s["state"] for s in status["staged"]["stages"]] == ["done", "started"]

@@ -375,3 +375,14 @@ def test_a_failing_expert_worker_is_one_error_naming_the_expert(tmp_path: Path, 
     with pytest.raises(ExpertTrainingError, match=r"^zoo build: the process training expert '(skill|lang)' failed \(exit code 3\)"):
         build_zoo(tiny_spec(workers=2), tmp_path / "zoo")
     assert not (tmp_path / "zoo" / "zoo.json").exists()
+
+
+def test_a_worker_printing_other_lines_still_reports_its_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    worker = tmp_path / "chatty-python"
+    worker.write_text(f"#!/bin/sh\necho 'a library says hello'\necho '[1, 2]'\nexec {sys.executable} \"$@\"\n")
+    worker.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(worker))
+    index = build_zoo(tiny_spec(workers=2), tmp_path / "zoo")
+    assert [m.train_steps for m in index.models if m.role == "expert"] == [2, 2]
+    assert capsys.readouterr().err.count("a library says hello") == 2

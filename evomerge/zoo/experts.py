@@ -131,9 +131,19 @@ def _start(spec: ZooSpec, expert: ExpertSpec, config: dict, folder: Path, report
 
 
 def _relay(name: str, lines: IO[str], reports: queue.Queue) -> None:
-    for line in lines:
-        reports.put((name, json.loads(line)))
-    reports.put((name, None))
+    """Pass a worker's step reports on; anything else it prints goes to stderr; None when it ends."""
+    try:
+        for line in lines:
+            try:
+                report = json.loads(line)
+            except json.JSONDecodeError:
+                report = None
+            if isinstance(report, dict):
+                reports.put((name, report))
+            else:
+                sys.stderr.write(line)
+    finally:
+        reports.put((name, None))
 
 
 class _StepReports:
